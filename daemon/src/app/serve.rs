@@ -1,0 +1,274 @@
+//! The serving loop: one task owns the rumqttc event loop (connect, reconnect with backoff,
+//! subscribe, route frames, acknowledge), publishes health and metrics, and runs the one shutdown
+//! path: first signal -> drain within the grace period -> offline status -> explicit disconnect
+//! (polled until written, since rumqttc never reports the request stream as done) -> return.
+//! A second signal returns at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_until};
+
+use super::{App, AppError, StopHandle, status};
+use crate::config::Qos;
+use crate::mqtt;
+use crate::pipeline::{Publisher, WorkerHandle};
+use crate::telemetry::DropReason;
+
+/// How long the goodbye (offline status + DISCONNECT) may take once draining is over.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(3);
+
+enum Phase {
+    Running,
+    /// Intake stopped; workers finish what is queued.
+    Draining {
+        deadline: Instant,
+    },
+    /// Offline status and DISCONNECT requested; waiting for them to be written.
+    Farewell {
+        deadline: Instant,
+    },
+}
+
+/// Connection bookkeeping for backoff and log levels.
+struct Link {
+    connected: bool,
+    ever_connected: bool,
+    failures: u32,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl Link {
+    fn on_error(&mut self, e: &ConnectionError, min: Duration, max: Duration, target: &str) {
+        if self.connected {
+            log::warn!("lost connection to broker {target}: {e}; reconnecting");
+            self.backoff = min;
+        } else if self.failures == 0 {
+            let hint = if self.ever_connected {
+                ""
+            } else {
+                " (the daemon keeps serving nothing until it connects)"
+            };
+            log::warn!(
+                "cannot connect to broker {target}: {e}; retrying with backoff up to {max:?}{hint}"
+            );
+        } else {
+            log::debug!("broker {target} still unreachable (attempt {}): {e}", self.failures + 1);
+        }
+        self.connected = false;
+        self.failures += 1;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(max);
+    }
+}
+
+pub(super) async fn serve(
+    app: &App,
+    client: AsyncClient,
+    mut el: EventLoop,
+    workers: &[WorkerHandle],
+    publisher: Arc<dyn Publisher>,
+    stop: StopHandle,
+) -> Result<(), AppError> {
+    let cfg = &app.config;
+    let target = format!("{}:{}", cfg.broker.host, cfg.broker.port);
+    let health_topic = cfg.health.topic.render(&cfg.device_id, "");
+    let metrics_topic = cfg.metrics.topic.render(&cfg.device_id, "");
+    let subscriptions = subscriptions(app);
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    let mut stop_rx = stop.subscribe();
+
+    let mut health = interval_at(Instant::now() + cfg.health.interval, cfg.health.interval);
+    health.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let metrics_every = cfg.metrics.interval.unwrap_or(Duration::from_secs(3600));
+    let mut metrics = interval_at(Instant::now() + metrics_every, metrics_every);
+    metrics.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut drain_check = interval(Duration::from_millis(20));
+
+    let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
+    let mut link =
+        Link { connected: false, ever_connected: false, failures: 0, backoff: min, retry_at: None };
+    let mut phase = Phase::Running;
+    let mut stops = 0u32;
+    let mut deferred = 0u64;
+
+    loop {
+        let mut stop_requested = false;
+        tokio::select! {
+            _ = sigterm.recv() => stop_requested = true,
+            _ = sigint.recv() => stop_requested = true,
+            changed = stop_rx.changed() => stop_requested = changed.is_ok(),
+
+            _ = sleep_until(link.retry_at.unwrap_or_else(Instant::now)), if link.retry_at.is_some() => {
+                link.retry_at = None;
+            }
+
+            ev = el.poll(), if link.retry_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if matches!(phase, Phase::Running) {
+                        route(app, &p, &*publisher).await;
+                        if p.qos != QoS::AtMostOnce && client.try_ack(&p).is_err() {
+                            // The broker redelivers an unacknowledged QoS 1 frame on reconnect.
+                            log::debug!("could not queue PUBACK for pkid={} (request channel full)", p.pkid);
+                        }
+                    } else {
+                        // Not acknowledged: a persistent session redelivers it after restart.
+                        deferred += 1;
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if link.failures > 0 || link.ever_connected {
+                        log::info!("connected to broker {target} (session_present={}, after {} failed attempt(s))", ack.session_present, link.failures);
+                    } else {
+                        log::info!("connected to broker {target} (session_present={})", ack.session_present);
+                    }
+                    link.connected = true;
+                    link.ever_connected = true;
+                    link.failures = 0;
+                    link.backoff = min;
+                    // A resumed session still has our subscriptions; subscribing again would make
+                    // the broker resend retained frames.
+                    if !ack.session_present && matches!(phase, Phase::Running)
+                        && let Err(e) = client.try_subscribe_many(subscriptions.clone()) {
+                        log::error!("cannot subscribe: {e}");
+                    }
+                    let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        log::error!("broker refused a subscription ({:?}); hint: check the broker ACL for this client", ack.return_codes);
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    if matches!(phase, Phase::Farewell { .. }) {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if matches!(phase, Phase::Farewell { .. }) {
+                        break;
+                    }
+                    link.on_error(&e, min, max, &target);
+                }
+            },
+
+            _ = health.tick() => {
+                if link.connected {
+                    let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
+                }
+                log::debug!("{}", status::summary_line(app));
+            }
+            _ = metrics.tick(), if cfg.metrics.interval.is_some() => {
+                if link.connected {
+                    let _ = publisher.try_publish(&metrics_topic, status::metrics(app), Qos::AtMostOnce, false);
+                }
+            }
+
+            _ = drain_check.tick(), if !matches!(phase, Phase::Running) => {
+                match phase {
+                    Phase::Draining { deadline } => {
+                        let done = workers.iter().all(|w| w.thread.is_finished());
+                        if done || Instant::now() >= deadline {
+                            if !done {
+                                let mut lost = 0;
+                                for p in &app.pipelines {
+                                    for _ in p.queue.drain_remaining() {
+                                        p.stats.drop_frame(DropReason::Shutdown);
+                                        lost += 1;
+                                    }
+                                }
+                                log::warn!("shutdown grace {:?} expired: {lost} queued frame(s) dropped (counted as dropped/shutdown)", cfg.shutdown.grace);
+                            }
+                            if !link.connected {
+                                log::warn!("broker unreachable at shutdown: offline status not published (the Last Will covers it)");
+                                break;
+                            }
+                            // The offline status and DISCONNECT go through the same FIFO request
+                            // channel as the results, so they are written after every result.
+                            let (c, payload, topic) = (client.clone(), status::offline(app, "shutdown"), health_topic.clone());
+                            tokio::spawn(async move {
+                                let _ = c.publish(topic, QoS::AtLeastOnce, true, payload).await;
+                                let _ = c.disconnect().await;
+                            });
+                            phase = Phase::Farewell { deadline: Instant::now() + FAREWELL_TIMEOUT };
+                        }
+                    }
+                    Phase::Farewell { deadline } => {
+                        if Instant::now() >= deadline {
+                            log::warn!("disconnect not confirmed within {FAREWELL_TIMEOUT:?}");
+                            break;
+                        }
+                    }
+                    Phase::Running => {}
+                }
+            }
+        }
+        if stop_requested {
+            stops += 1;
+            if stops > 1 {
+                log::warn!("second stop signal: exiting without finishing the drain");
+                return Err(AppError::Aborted);
+            }
+            let queued: usize =
+                app.pipelines.iter().map(|p| p.queue.depth() + p.queue.in_flight()).sum();
+            log::info!(
+                "stopping: intake closed, serving {queued} queued frame(s) within {:?}",
+                cfg.shutdown.grace
+            );
+            for p in &app.pipelines {
+                p.queue.close();
+            }
+            phase = Phase::Draining { deadline: Instant::now() + cfg.shutdown.grace };
+        }
+    }
+    if deferred > 0 {
+        log::info!(
+            "{deferred} frame(s) arrived during shutdown and were left unacknowledged for redelivery"
+        );
+    }
+    log::info!("stopped: {}", status::summary_line(app));
+    Ok(())
+}
+
+/// One subscription per distinct filter (two pipelines may share a stream), at the highest QoS
+/// any of them asks for.
+fn subscriptions(app: &App) -> Vec<SubscribeFilter> {
+    let mut out: Vec<SubscribeFilter> = Vec::new();
+    for p in &app.pipelines {
+        let q = mqtt::qos(p.cfg.qos);
+        match out.iter_mut().find(|s| s.path == p.cfg.input.as_str()) {
+            Some(s) => {
+                if (q as u8) > (s.qos as u8) {
+                    s.qos = q;
+                }
+            }
+            None => out.push(SubscribeFilter::new(p.cfg.input.as_str().to_string(), q)),
+        }
+    }
+    out
+}
+
+/// Hands a frame to every pipeline whose filter matches its topic.
+async fn route(app: &App, msg: &Publish, publisher: &dyn Publisher) {
+    let mut matched = false;
+    for p in &app.pipelines {
+        let Some(captures) = p.cfg.input.matches(&msg.topic) else { continue };
+        matched = true;
+        if let Some(frame) = p.ingest(&msg.topic, &captures, msg.payload.clone(), publisher) {
+            // `block` policy: back-pressure by not reading further messages until there is room.
+            let outcome = p.queue.push_wait(frame, p.cfg.queue.block_timeout).await;
+            p.account_push(outcome);
+        }
+    }
+    if !matched {
+        log::debug!("message on {} matched no pipeline", msg.topic);
+    }
+}

@@ -1,0 +1,341 @@
+//! Command-line interface: argument parsing and the subcommands (`run`, `validate`, `config
+//! default`, `inspect`, `demo`). Each returns a process exit code from sysexits.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::app::{self, AppError, StopHandle};
+use crate::config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, units};
+use crate::model::{LoadOptions, Model};
+use crate::telemetry::Histogram;
+
+/// sysexits: command line usage error.
+pub const EX_USAGE: u8 = 64;
+/// sysexits: configuration error.
+pub const EX_CONFIG: u8 = 78;
+/// Runtime failure.
+pub const EX_FAILURE: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgeinfer",
+    version,
+    about = "Edge inference daemon: MQTT frames in, ONNX inference with tract, results out"
+)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug, trace (or EDGEINFER_LOG).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Check a config file (and the files it names); exit 78 when invalid.
+    Validate {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Also load every model and check it against its pipeline (slower).
+        #[arg(long)]
+        models: bool,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+    /// Print a model's inputs, outputs, operators, load/optimize time and inference time.
+    Inspect {
+        model: PathBuf,
+        /// Concrete shape for an input with symbolic dimensions, e.g. `accel=1,3,128`.
+        #[arg(long = "input-shape", value_name = "NAME=D,D,..")]
+        input_shapes: Vec<String>,
+        /// Timed inference runs on zero inputs (0 to skip).
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Demo: in-process broker, the bundled digits model, simulated sensors, live results.
+    #[cfg(feature = "demo")]
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the annotated default configuration.
+    Default,
+}
+
+/// Log level from the CLI, else `EDGEINFER_LOG`, else info.
+pub fn log_level(cli: &Cli) -> Result<log::LevelFilter, String> {
+    let raw = cli.log_level.clone().or_else(|| std::env::var("EDGEINFER_LOG").ok());
+    match raw {
+        None => Ok(log::LevelFilter::Info),
+        Some(s) => {
+            crate::logging::parse_level(&s).ok_or_else(|| format!("invalid log level `{s}`"))
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Validate { config, models } => validate(&config, models),
+        Command::Config { what: ConfigCommand::Default } => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::Inspect { model, input_shapes, runs, json } => {
+            inspect(&model, &input_shapes, runs, json)
+        }
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => crate::demo::run(&args),
+    }
+}
+
+/// Prints an error with its source chain on one line each (Display, never Debug).
+pub fn report(e: &dyn std::error::Error) {
+    eprintln!("error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        eprintln!("  caused by: {s}");
+        src = s.source();
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        report(&e);
+        if let ConfigError::Read { .. } = e {
+            eprintln!(
+                "hint: pass --config PATH, or run `edgeinfer config default` for a starting point"
+            );
+        }
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn run(path: &Path) -> ExitCode {
+    log::info!(
+        "edgeinfer {} ({}) starting, config {}",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("EDGEINFER_GIT_HASH").unwrap_or("unknown commit"),
+        path.display()
+    );
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match app::run(config, StopHandle::default()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ AppError::Files { .. }) => {
+            report(&e);
+            ExitCode::from(EX_CONFIG)
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::from(EX_FAILURE)
+        }
+    }
+}
+
+fn validate(path: &Path, models: bool) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let problems = config.check_files();
+    if !problems.is_empty() {
+        eprintln!(
+            "error: config file {} is invalid ({} problem(s)):",
+            path.display(),
+            problems.len()
+        );
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        return ExitCode::from(EX_CONFIG);
+    }
+    if models && let Err(e) = app::start(config.clone()) {
+        report(&e);
+        return ExitCode::from(EX_CONFIG);
+    }
+    println!(
+        "{}: ok ({} pipeline(s){})",
+        path.display(),
+        config.pipelines.len(),
+        if models { ", models loaded and warmed up" } else { "" }
+    );
+    ExitCode::SUCCESS
+}
+
+fn parse_shape_arg(s: &str) -> Result<(String, Vec<usize>), String> {
+    let (name, dims) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected NAME=D,D,.."))?;
+    let dims = dims
+        .split(',')
+        .map(|d| d.trim().parse::<usize>().ok().filter(|n| *n > 0))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| format!("`{s}`: dimensions must be positive integers"))?;
+    Ok((name.to_string(), dims))
+}
+
+fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool) -> ExitCode {
+    let mut input_shapes = BTreeMap::new();
+    for s in shapes {
+        match parse_shape_arg(s) {
+            Ok((n, d)) => {
+                input_shapes.insert(n, d);
+            }
+            Err(e) => {
+                eprintln!("error: --input-shape {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    }
+    let opts = LoadOptions { input_shapes, ..LoadOptions::default() };
+    let model = match Model::load(path, &opts) {
+        Ok(m) => m,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(EX_FAILURE);
+        }
+    };
+    let timings = match time_runs(&model, runs) {
+        Ok(t) => t,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(EX_FAILURE);
+        }
+    };
+    if json {
+        let spec = |t: &crate::model::TensorSpec| {
+            serde_json::json!({
+                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape,
+                "declared": t.declared.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        };
+        let v = serde_json::json!({
+            "path": model.path, "sha256": model.sha256, "version": model.version,
+            "inputs": model.inputs.iter().map(spec).collect::<Vec<_>>(),
+            "outputs": model.outputs.iter().map(spec).collect::<Vec<_>>(),
+            "onnx_nodes": model.onnx_nodes, "optimized_nodes": model.optimized_nodes,
+            "operators": model.op_histogram,
+            "load_us": model.load_time.as_micros() as u64,
+            "optimize_us": model.optimize_time.as_micros() as u64,
+            "inference": timings.as_ref().map(|t| serde_json::json!({
+                "runs": t.runs, "mean_us": t.mean.as_micros() as u64, "p50_us": t.p50.as_micros() as u64,
+                "p99_us": t.p99.as_micros() as u64, "min_us": t.min.as_micros() as u64,
+            })),
+        });
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    println!("model     {}", model.path.display());
+    println!("sha256    {}", model.sha256);
+    println!("version   {}", model.version);
+    println!("inputs:");
+    for t in &model.inputs {
+        let declared: Vec<String> = t.declared.iter().map(ToString::to_string).collect();
+        println!(
+            "  {:<20} {:<4} {:?}  (declared [{}])",
+            t.name,
+            t.dtype,
+            t.shape,
+            declared.join(", ")
+        );
+    }
+    println!("outputs:");
+    for t in &model.outputs {
+        println!("  {:<20} {:<4} {:?}", t.name, t.dtype, t.shape);
+    }
+    let ops: Vec<String> = model.op_histogram.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+    println!(
+        "operators {} ONNX nodes -> {} optimized: {}",
+        model.onnx_nodes,
+        model.optimized_nodes,
+        ops.join(", ")
+    );
+    println!("load      {:?}", model.load_time);
+    println!("optimize  {:?}", model.optimize_time);
+    if let Some(t) = timings {
+        println!(
+            "inference {} runs, 1 thread: mean {:?}, p50 {:?}, p99 {:?}, min {:?}",
+            t.runs, t.mean, t.p50, t.p99, t.min
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+struct Timings {
+    runs: usize,
+    mean: Duration,
+    p50: Duration,
+    p99: Duration,
+    min: Duration,
+}
+
+fn time_runs(model: &Model, runs: usize) -> Result<Option<Timings>, crate::model::ModelError> {
+    if runs == 0 {
+        return Ok(None);
+    }
+    let mut s = model.session()?;
+    s.run()?; // warm-up, not timed
+    let h = Histogram::default();
+    let mut min = Duration::MAX;
+    let mut sum = Duration::ZERO;
+    for _ in 0..runs {
+        let t = Instant::now();
+        s.run()?;
+        let d = t.elapsed();
+        h.record(d);
+        min = min.min(d);
+        sum += d;
+    }
+    let snap = h.snapshot();
+    Ok(Some(Timings {
+        runs,
+        mean: sum / runs as u32,
+        p50: snap.quantile(0.5).unwrap_or_default(),
+        p99: snap.quantile(0.99).unwrap_or_default(),
+        min,
+    }))
+}
+
+/// Parses a `--duration`-style argument.
+pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    units::parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_args() {
+        assert_eq!(parse_shape_arg("x=1,3,128"), Ok(("x".into(), vec![1, 3, 128])));
+        assert!(parse_shape_arg("x").is_err());
+        assert!(parse_shape_arg("x=1,0").is_err());
+        assert!(parse_shape_arg("x=a").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        let c = Cli::try_parse_from(["edgeinfer", "validate", "--config", "/x.toml", "--models"])
+            .expect("parse");
+        assert!(matches!(c.command, Command::Validate { models: true, .. }));
+        assert!(Cli::try_parse_from(["edgeinfer", "frobnicate"]).is_err());
+    }
+}

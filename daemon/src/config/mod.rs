@@ -1,0 +1,786 @@
+//! Configuration: the TOML file, its validation, and the validated types the rest of the daemon
+//! is built from.
+//!
+//! Reading goes TOML text -> `toml::Table` -> [`Config`] through a typed reader that collects
+//! every problem (unknown keys, wrong types, bad values, cross-key conflicts) with its dotted key
+//! path and value, so `edgeinfer validate` reports all of them at once. This module does not load
+//! models or talk to the broker: files are only checked for readability ([`Config::check_files`]).
+//! The annotated default configuration is `config/edgeinfer.toml` in the repository, embedded here
+//! as [`DEFAULT_CONFIG`] so that `edgeinfer config default` always matches the code.
+
+mod reader;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use std::{fmt, fs, io};
+
+pub use reader::Problem;
+use reader::{Problems, Section};
+use toml::{Table, Value};
+
+use crate::topic::{self, TopicFilter, TopicTemplate};
+
+/// The annotated default configuration (`config/edgeinfer.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/edgeinfer.toml");
+
+/// Default location of the configuration file on a device.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgeinfer/edgeinfer.toml";
+
+/// Largest frame payload we allow anywhere (also the MQTT packet ceiling).
+pub const MAX_PAYLOAD_LIMIT: u64 = 256 << 20;
+
+/// Errors from reading or validating a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config file {path} is invalid ({} problem(s)):\n{}", problems.len(), ProblemList(problems))]
+    Invalid { path: String, problems: Vec<Problem> },
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// The individual problems, when the file parsed but did not validate.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from (relative paths inside were resolved against its directory).
+    pub source: Option<PathBuf>,
+    /// This appliance's id: one topic level, used in `{device}`.
+    pub device_id: String,
+    pub broker: BrokerConfig,
+    pub health: HealthConfig,
+    pub metrics: MetricsConfig,
+    pub errors: ErrorsConfig,
+    pub shutdown: ShutdownConfig,
+    /// Pipelines in name order.
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// MQTT broker connection.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Rendered client id (`{device}` substituted).
+    pub client_id: String,
+    pub keepalive: Duration,
+    /// `false` (default) keeps a persistent session so QoS 1 frames queued by the broker while
+    /// the daemon was away are delivered when it returns.
+    pub clean_session: bool,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsConfig>,
+    /// Largest MQTT packet accepted from the broker (frames above it are refused by the client).
+    pub max_packet_size: u64,
+    pub connect_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Maximum unacknowledged outgoing QoS 1 publishes.
+    pub inflight: u16,
+}
+
+/// Where the broker password comes from. Never printed.
+#[derive(Clone)]
+pub enum Secret {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Secret::Inline(_) => f.write_str("Secret::Inline(<redacted>)"),
+            Secret::File(p) => write!(f, "Secret::File({})", p.display()),
+        }
+    }
+}
+
+impl Secret {
+    /// The secret value (a password file's first line, without trailing newline).
+    pub fn read(&self) -> io::Result<String> {
+        match self {
+            Secret::Inline(s) => Ok(s.clone()),
+            Secret::File(p) => {
+                let s = fs::read_to_string(p)?;
+                Ok(s.lines().next().unwrap_or_default().to_string())
+            }
+        }
+    }
+}
+
+/// TLS to the broker. Without `ca_file` the system's trust store is used.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub topic: TopicTemplate,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub topic: TopicTemplate,
+    /// `None` disables the periodic metrics message.
+    pub interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ErrorsConfig {
+    pub topic: TopicTemplate,
+    /// Error messages per second per pipeline; excess is counted, not published.
+    pub rate_limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// How long SIGTERM waits for queued frames to be served before giving up on them.
+    pub grace: Duration,
+}
+
+/// How a pipeline's payloads are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// Little-endian tensor bytes of exactly the model input's dtype and shape.
+    Raw,
+    /// `{"seq":…, "ts":…, "data":[…]}` or `{"inputs": {"name": […]}}`.
+    Json,
+}
+
+/// What to do with non-finite floats (NaN, ±inf) in a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NanPolicy {
+    Reject,
+    Allow,
+}
+
+/// What a full queue does with a new frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropPolicy {
+    /// Evict the oldest queued frame (freshest data wins; the default for sensors).
+    DropOldest,
+    /// Refuse the new frame.
+    DropNewest,
+    /// Stop reading from the broker until there is room (back-pressure), up to `block_timeout`.
+    Block,
+}
+
+impl DropPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropPolicy::DropOldest => "drop_oldest",
+            DropPolicy::DropNewest => "drop_newest",
+            DropPolicy::Block => "block",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub capacity: usize,
+    pub policy: DropPolicy,
+    pub block_timeout: Duration,
+}
+
+/// What is published for each frame.
+#[derive(Debug, Clone)]
+pub enum PostProcess {
+    /// Every output tensor as name, shape and data.
+    Raw,
+    Classification(ClassificationConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassificationConfig {
+    pub top_k: usize,
+    /// One label per line; line N names class N.
+    pub labels: Option<PathBuf>,
+    /// Which output holds the scores (default: the first).
+    pub output: Option<String>,
+    /// Apply softmax to the scores before ranking (for models that emit logits).
+    pub softmax: bool,
+    /// Also publish the raw output tensors.
+    pub include_outputs: bool,
+}
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+/// One model served on one input stream.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub name: String,
+    pub model: PathBuf,
+    /// Version to report; default: the ONNX `model_version`, else the first 12 hex digits of
+    /// the file's SHA-256.
+    pub model_version: Option<String>,
+    pub input: TopicFilter,
+    pub output: TopicTemplate,
+    pub format: PayloadFormat,
+    pub qos: Qos,
+    pub max_payload: u64,
+    pub nan: NanPolicy,
+    /// Concrete shapes for model inputs whose stored shape has symbolic or unknown dimensions.
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+    pub workers: usize,
+    /// CPUs the workers are pinned to (worker i -> cpus[i % len]); empty: not pinned.
+    pub cpus: Vec<usize>,
+    pub queue: QueueConfig,
+    pub postprocess: PostProcess,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg = Self::parse_str(&text, &path.display().to_string(), path.parent())?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text. Relative paths are resolved against `base_dir`.
+    pub fn parse_str(
+        text: &str,
+        origin: &str,
+        base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let table: Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let mut p = Problems::default();
+        let cfg = build(&table, base_dir.unwrap_or(Path::new(".")), &mut p);
+        match cfg {
+            Some(cfg) if p.0.is_empty() => Ok(cfg),
+            _ => Err(ConfigError::Invalid { path: origin.to_string(), problems: p.0 }),
+        }
+    }
+
+    /// Checks that every file the config names exists and is readable, so a typo fails
+    /// `validate` (the unit's `ExecStartPre=`) instead of the start-up.
+    pub fn check_files(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut check = |key: String, path: &Path| {
+            if let Err(e) = fs::File::open(path).and_then(|f| {
+                if f.metadata()?.is_dir() {
+                    Err(io::Error::other("is a directory"))
+                } else {
+                    Ok(())
+                }
+            }) {
+                out.push(Problem {
+                    key,
+                    value: Some(format!("{:?}", path.display().to_string())),
+                    message: format!("cannot read file: {e}"),
+                });
+            }
+        };
+        for pl in &self.pipelines {
+            check(format!("pipelines.{}.model", pl.name), &pl.model);
+            if let PostProcess::Classification(c) = &pl.postprocess
+                && let Some(l) = &c.labels
+            {
+                check(format!("pipelines.{}.postprocess.labels", pl.name), l);
+            }
+        }
+        if let Some(Secret::File(f)) = &self.broker.password {
+            check("broker.password_file".into(), f);
+        }
+        if let Some(tls) = &self.broker.tls {
+            for (k, f) in [
+                ("ca_file", &tls.ca_file),
+                ("cert_file", &tls.cert_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if let Some(f) = f {
+                    check(format!("broker.tls.{k}"), f);
+                }
+            }
+        }
+        out
+    }
+
+    /// The largest payload any pipeline accepts (sizes the MQTT client's packet limit).
+    pub fn max_payload(&self) -> u64 {
+        self.pipelines.iter().map(|p| p.max_payload).max().unwrap_or(0)
+    }
+}
+
+/// The machine's host name turned into a valid device id (a single topic level).
+fn default_device_id() -> String {
+    let host =
+        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let cleaned: String = host
+        .chars()
+        .map(
+            |c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' },
+        )
+        .take(64)
+        .collect();
+    if cleaned.is_empty() { "edgeinfer".to_string() } else { cleaned }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+fn qos(s: &mut Section<'_>, p: &mut Problems, key: &'static str, default: Qos) -> Qos {
+    match s.int(p, key, 0, 2) {
+        Some(0) => Qos::AtMostOnce,
+        Some(1) => Qos::AtLeastOnce,
+        Some(2) => Qos::ExactlyOnce,
+        _ => default,
+    }
+}
+
+/// Builds the validated config; returns `None` only when the structure is too broken to go on
+/// (every problem is still recorded in `p`).
+fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
+    let mut root = Section::new("", table);
+
+    let device_id = match root.string(p, "device_id") {
+        Some(d) => {
+            if let Err(e) = topic::validate_level(d) {
+                p.push("device_id", root.get("device_id"), e);
+            }
+            d.to_string()
+        }
+        None => default_device_id(),
+    };
+
+    let broker = broker(&mut root, p, &device_id, base);
+
+    let health = {
+        let mut s = root.table(p, "health");
+        let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/health", 0);
+        let interval = s
+            .as_mut()
+            .and_then(|s| {
+                s.duration(p, "interval", Duration::from_secs(1), Duration::from_secs(3600))
+            })
+            .unwrap_or(Duration::from_secs(10));
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        HealthConfig { topic, interval }
+    };
+
+    let metrics = {
+        let mut s = root.table(p, "metrics");
+        let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/metrics", 0);
+        let interval = s
+            .as_mut()
+            .and_then(|s| s.duration(p, "interval", Duration::ZERO, Duration::from_secs(3600)))
+            .unwrap_or(Duration::from_secs(10));
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        MetricsConfig { topic, interval: (!interval.is_zero()).then_some(interval) }
+    };
+
+    let errors = {
+        let mut s = root.table(p, "errors");
+        let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/errors/{pipeline}", 0);
+        let rate_limit = s
+            .as_mut()
+            .and_then(|s| s.int(p, "rate_limit", 1, 100_000))
+            .map(|n| n as u32)
+            .unwrap_or(20);
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        ErrorsConfig { topic, rate_limit }
+    };
+
+    let shutdown = {
+        let mut s = root.table(p, "shutdown");
+        let grace = s
+            .as_mut()
+            .and_then(|s| s.duration(p, "grace", Duration::ZERO, Duration::from_secs(600)))
+            .unwrap_or(Duration::from_secs(10));
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        ShutdownConfig { grace }
+    };
+
+    let mut pipelines = Vec::new();
+    match root.get("pipelines") {
+        None => {
+            p.push("pipelines", None, "at least one pipeline is required, e.g. [pipelines.digits]")
+        }
+        Some(Value::Table(t)) => {
+            if t.is_empty() {
+                p.push(
+                    "pipelines",
+                    None,
+                    "at least one pipeline is required, e.g. [pipelines.digits]",
+                );
+            }
+            for (name, v) in t {
+                let key = format!("pipelines.{name}");
+                if let Err(e) = topic::validate_level(name) {
+                    p.push(key.clone(), None, format!("pipeline name {e}"));
+                }
+                match v.as_table() {
+                    Some(pt) => {
+                        if let Some(pl) = pipeline(name, Section::new(key, pt), p, &broker, base) {
+                            pipelines.push(pl);
+                        }
+                    }
+                    None => p.push(key, Some(v), "expected a table ([pipelines.NAME])"),
+                }
+            }
+        }
+        Some(other) => {
+            p.push("pipelines", Some(other), "expected a table of pipelines ([pipelines.NAME])")
+        }
+    }
+    root.finish(p);
+
+    Some(Config { source: None, device_id, broker, health, metrics, errors, shutdown, pipelines })
+}
+
+fn template(
+    s: Option<&mut Section<'_>>,
+    p: &mut Problems,
+    key: &'static str,
+    default: &str,
+    captures: usize,
+) -> TopicTemplate {
+    let fallback =
+        || TopicTemplate::parse(default, captures).unwrap_or_else(|_| unreachable_template());
+    let Some(s) = s else { return fallback() };
+    match s.string(p, key) {
+        Some(t) => match TopicTemplate::parse(t, captures) {
+            Ok(t) => t,
+            Err(e) => {
+                p.push(s.key(key), Some(&Value::String(t.into())), e);
+                fallback()
+            }
+        },
+        None => fallback(),
+    }
+}
+
+/// Built-in defaults are valid templates; this is only reachable if one of them is edited badly,
+/// which the unit tests catch.
+fn unreachable_template() -> TopicTemplate {
+    TopicTemplate::parse("edgeinfer", 0)
+        .unwrap_or_else(|e| panic!("built-in template invalid: {e}"))
+}
+
+fn broker(root: &mut Section<'_>, p: &mut Problems, device_id: &str, base: &Path) -> BrokerConfig {
+    let mut out = BrokerConfig {
+        host: "127.0.0.1".into(),
+        port: 1883,
+        client_id: format!("edgeinfer-{device_id}"),
+        keepalive: Duration::from_secs(30),
+        clean_session: false,
+        username: None,
+        password: None,
+        tls: None,
+        max_packet_size: 4 << 20,
+        connect_timeout: Duration::from_secs(5),
+        reconnect_min: Duration::from_millis(250),
+        reconnect_max: Duration::from_secs(30),
+        inflight: 100,
+    };
+    let Some(mut s) = root.table(p, "broker") else { return out };
+    if let Some(h) = s.string(p, "host") {
+        if h.is_empty() {
+            p.push(s.key("host"), None, "must not be empty");
+        }
+        out.host = h.to_string();
+    }
+    if let Some(mut t) = s.table(p, "tls") {
+        let tls = TlsConfig {
+            ca_file: t.string(p, "ca_file").map(|f| resolve(base, f)),
+            cert_file: t.string(p, "cert_file").map(|f| resolve(base, f)),
+            key_file: t.string(p, "key_file").map(|f| resolve(base, f)),
+        };
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            p.push(
+                t.key("cert_file"),
+                None,
+                "cert_file and key_file must be given together (mTLS)",
+            );
+        }
+        t.finish(p);
+        out.tls = Some(tls);
+        out.port = 8883;
+    }
+    if let Some(port) = s.int(p, "port", 1, 65535) {
+        out.port = port as u16;
+    }
+    if let Some(c) = s.string(p, "client_id") {
+        let rendered = c.replace("{device}", device_id);
+        if rendered.is_empty() || rendered.len() > 128 || rendered.contains(['{', '}']) {
+            p.push(
+                s.key("client_id"),
+                Some(&Value::String(c.into())),
+                "must be 1-128 bytes; `{device}` is the only placeholder",
+            );
+        }
+        out.client_id = rendered;
+    }
+    if let Some(k) = s.duration(p, "keepalive", Duration::from_secs(5), Duration::from_secs(3600)) {
+        out.keepalive = k;
+    }
+    if let Some(c) = s.bool(p, "clean_session") {
+        out.clean_session = c;
+    }
+    out.username = s.string(p, "username").map(str::to_string);
+    let inline = s.string(p, "password").map(|x| Secret::Inline(x.to_string()));
+    let file = s.string(p, "password_file").map(|f| Secret::File(resolve(base, f)));
+    if inline.is_some() && file.is_some() {
+        p.push(s.key("password"), None, "give either password or password_file, not both");
+    }
+    out.password = file.or(inline);
+    if out.password.is_some() && out.username.is_none() {
+        p.push(s.key("username"), None, "a password needs a username");
+    }
+    if let Some(m) = s.size(p, "max_packet_size", 1024, MAX_PAYLOAD_LIMIT) {
+        out.max_packet_size = m;
+    }
+    if let Some(d) =
+        s.duration(p, "connect_timeout", Duration::from_secs(1), Duration::from_secs(300))
+    {
+        out.connect_timeout = d;
+    }
+    if let Some(d) =
+        s.duration(p, "reconnect_min", Duration::from_millis(10), Duration::from_secs(600))
+    {
+        out.reconnect_min = d;
+    }
+    if let Some(d) =
+        s.duration(p, "reconnect_max", Duration::from_millis(10), Duration::from_secs(3600))
+    {
+        out.reconnect_max = d;
+    }
+    if out.reconnect_min > out.reconnect_max {
+        p.push(s.key("reconnect_min"), None, "must not exceed reconnect_max");
+    }
+    if let Some(i) = s.int(p, "inflight", 1, 65535) {
+        out.inflight = i as u16;
+    }
+    s.finish(p);
+    out
+}
+
+fn pipeline(
+    name: &str,
+    mut s: Section<'_>,
+    p: &mut Problems,
+    broker: &BrokerConfig,
+    base: &Path,
+) -> Option<PipelineConfig> {
+    let model = match s.string(p, "model") {
+        Some(m) if !m.is_empty() => Some(resolve(base, m)),
+        Some(_) => {
+            p.push(s.key("model"), None, "must not be empty");
+            None
+        }
+        None => {
+            p.push(s.key("model"), None, "missing: path of the ONNX model file");
+            None
+        }
+    };
+    let model_version = s.string(p, "model_version").map(str::to_string);
+    let input = match s.string(p, "input") {
+        Some(f) => match TopicFilter::parse(f) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                p.push(s.key("input"), Some(&Value::String(f.into())), e);
+                None
+            }
+        },
+        None => {
+            p.push(
+                s.key("input"),
+                None,
+                "missing: MQTT topic filter to subscribe to, e.g. \"sensors/+/frames\"",
+            );
+            None
+        }
+    };
+    let captures = input.as_ref().map_or(0, TopicFilter::wildcard_count);
+    let output =
+        template(Some(&mut s), p, "output", "edgeinfer/{device}/results/{pipeline}", captures);
+    let format = s
+        .choice(p, "format", &[("raw", PayloadFormat::Raw), ("json", PayloadFormat::Json)])
+        .unwrap_or(PayloadFormat::Json);
+    let qos = qos(&mut s, p, "qos", Qos::AtLeastOnce);
+    let max_payload =
+        s.size(p, "max_payload", 1, broker.max_packet_size).unwrap_or(broker.max_packet_size);
+    let nan = s
+        .choice(p, "nan", &[("reject", NanPolicy::Reject), ("allow", NanPolicy::Allow)])
+        .unwrap_or(NanPolicy::Reject);
+    let mut input_shapes = BTreeMap::new();
+    if let Some(mut shapes) = s.table(p, "input_shapes") {
+        let entries: Vec<(String, Value)> =
+            shapes.entries().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (k, v) in entries {
+            let key = shapes.key(&k);
+            let dims = v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|d| {
+                        d.as_integer().filter(|n| (1..=1 << 24).contains(n)).map(|n| n as usize)
+                    })
+                    .collect::<Option<Vec<usize>>>()
+            });
+            match dims {
+                Some(d) if !d.is_empty() && d.len() <= 8 => {
+                    input_shapes.insert(k, d);
+                }
+                _ => p.push(
+                    key,
+                    Some(&v),
+                    "expected an array of 1 to 8 positive dimensions, e.g. [1, 3, 224, 224]",
+                ),
+            }
+        }
+        shapes.finish(p);
+    }
+    let workers = s.int(p, "workers", 1, 256).map_or(1, |n| n as usize);
+    let cpus: Vec<usize> = s
+        .int_array(p, "cpus", 0, 4095)
+        .map(|v| v.into_iter().map(|c| c as usize).collect())
+        .unwrap_or_default();
+    if !cpus.is_empty() {
+        let mut sorted = cpus.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != cpus.len() {
+            p.push(s.key("cpus"), None, "lists a CPU more than once");
+        }
+        if let Ok(allowed) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+            let bad: Vec<usize> =
+                cpus.iter().copied().filter(|c| !allowed.is_set(*c).unwrap_or(false)).collect();
+            if !bad.is_empty() {
+                let allowed_list: Vec<String> = (0..nix::sched::CpuSet::count())
+                    .filter(|c| allowed.is_set(*c).unwrap_or(false))
+                    .map(|c| c.to_string())
+                    .collect();
+                p.push(
+                    s.key("cpus"),
+                    None,
+                    format!(
+                        "CPU(s) {bad:?} are not in this process's allowed set [{}]",
+                        allowed_list.join(",")
+                    ),
+                );
+            }
+        }
+    }
+    let queue = {
+        let mut q = s.table(p, "queue");
+        let capacity =
+            q.as_mut().and_then(|q| q.int(p, "capacity", 1, 1 << 20)).map_or(32, |n| n as usize);
+        let policy = q
+            .as_mut()
+            .and_then(|q| {
+                q.choice(
+                    p,
+                    "policy",
+                    &[
+                        ("drop_oldest", DropPolicy::DropOldest),
+                        ("drop_newest", DropPolicy::DropNewest),
+                        ("block", DropPolicy::Block),
+                    ],
+                )
+            })
+            .unwrap_or(DropPolicy::DropOldest);
+        let block_timeout = q
+            .as_mut()
+            .and_then(|q| {
+                q.duration(p, "block_timeout", Duration::from_millis(1), Duration::from_secs(60))
+            })
+            .unwrap_or(Duration::from_secs(1));
+        if let Some(q) = q {
+            q.finish(p);
+        }
+        QueueConfig { capacity, policy, block_timeout }
+    };
+    let postprocess = match s.table(p, "postprocess") {
+        None => PostProcess::Raw,
+        Some(mut pp) => {
+            let kind = pp.choice(p, "kind", &[("raw", 0), ("classification", 1)]).unwrap_or(0);
+            let out = if kind == 1 {
+                let c = ClassificationConfig {
+                    top_k: pp.int(p, "top_k", 1, 1000).map_or(5, |n| n as usize),
+                    labels: pp.string(p, "labels").map(|l| resolve(base, l)),
+                    output: pp.string(p, "output").map(str::to_string),
+                    softmax: pp.bool(p, "softmax").unwrap_or(false),
+                    include_outputs: pp.bool(p, "include_outputs").unwrap_or(true),
+                };
+                PostProcess::Classification(c)
+            } else {
+                PostProcess::Raw
+            };
+            pp.finish(p);
+            out
+        }
+    };
+    s.finish(p);
+    Some(PipelineConfig {
+        name: name.to_string(),
+        model: model?,
+        model_version,
+        input: input?,
+        output,
+        format,
+        qos,
+        max_payload,
+        nan,
+        input_shapes,
+        workers,
+        cpus,
+        queue,
+        postprocess,
+    })
+}
+
+#[cfg(test)]
+mod tests;

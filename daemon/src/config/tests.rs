@@ -1,0 +1,250 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse_str(text, "test.toml", Some(Path::new("/etc/edgeinfer")))
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("expected the config to be rejected:\n{text}"),
+        Err(e) => {
+            let v: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
+            assert!(!v.is_empty(), "no problems listed for: {e}");
+            v
+        }
+    }
+}
+
+const MINIMAL: &str = r#"
+[pipelines.p]
+model = "m.onnx"
+input = "sensors/+/x"
+"#;
+
+#[test]
+fn default_config_is_valid_and_matches_documented_defaults() {
+    let cfg = parse(DEFAULT_CONFIG).expect("the shipped default config must validate");
+    assert_eq!(cfg.broker.port, 1883);
+    assert!(!cfg.broker.clean_session, "persistent session is the default");
+    assert_eq!(cfg.pipelines.len(), 1);
+    let p = &cfg.pipelines[0];
+    assert_eq!(p.name, "digits");
+    assert_eq!(p.queue.policy, DropPolicy::DropOldest);
+    assert_eq!(p.format, PayloadFormat::Json);
+    assert!(matches!(p.postprocess, PostProcess::Classification(ref c) if c.top_k == 3));
+    assert_eq!(cfg.health.topic.as_str(), "edgeinfer/{device}/health");
+}
+
+#[test]
+fn minimal_config_gets_embedded_defaults() {
+    let cfg = parse(MINIMAL).expect("minimal config");
+    assert_eq!(cfg.broker.host, "127.0.0.1");
+    assert_eq!(cfg.broker.keepalive, Duration::from_secs(30));
+    assert_eq!(cfg.broker.client_id, format!("edgeinfer-{}", cfg.device_id));
+    let p = &cfg.pipelines[0];
+    assert_eq!(p.model, PathBuf::from("/etc/edgeinfer/m.onnx"), "relative to the config dir");
+    assert_eq!(p.output.as_str(), "edgeinfer/{device}/results/{pipeline}");
+    assert_eq!(p.queue.capacity, 32);
+    assert_eq!(p.workers, 1);
+    assert_eq!(p.qos, Qos::AtLeastOnce);
+    assert_eq!(p.max_payload, cfg.broker.max_packet_size);
+    assert_eq!(cfg.metrics.interval, Some(Duration::from_secs(10)));
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_key_and_value() {
+    let msgs = problems(
+        r#"
+device_id = "a/b"
+[broker]
+port = 70000
+keepalive = "soon"
+hots = "x"
+[metrics]
+interval = 5
+[pipelines.p]
+model = "m.onnx"
+input = "sensors/#/x"
+output = "out/{2}"
+format = "protobuf"
+[pipelines.p.queue]
+capacity = 0
+policy = "drop_random"
+"#,
+    );
+    let expect = [
+        "device_id: must not contain '/'",
+        "broker.port: must be between 1 and 65535 (got 70000)",
+        "broker.keepalive: `soon` is not a duration",
+        "broker.hots: unknown key; did you mean `host`?",
+        "metrics.interval: expected a duration string",
+        "pipelines.p.input: `#` is only allowed as the last level",
+        "pipelines.p.format: expected one of: raw, json (got \"protobuf\")",
+        "pipelines.p.queue.capacity: must be between 1 and 1048576 (got 0)",
+        "pipelines.p.queue.policy: expected one of: drop_oldest, drop_newest, block",
+    ];
+    for e in expect {
+        assert!(msgs.iter().any(|m| m.contains(e)), "missing {e:?} in {msgs:#?}");
+    }
+}
+
+#[test]
+fn output_template_captures_are_checked_against_the_filter() {
+    let msgs = problems(
+        r#"
+[pipelines.p]
+model = "m.onnx"
+input = "sensors/+/x"
+output = "out/{1}/{2}"
+"#,
+    );
+    assert!(
+        msgs.iter().any(|m| m.contains("pipelines.p.output") && m.contains("1 wildcard")),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn missing_pipelines_and_required_keys() {
+    assert!(problems("").iter().any(|m| m.starts_with("pipelines: at least one pipeline")));
+    let msgs = problems("[pipelines.p]\nworkers = 2\n");
+    assert!(msgs.iter().any(|m| m.starts_with("pipelines.p.model: missing")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.starts_with("pipelines.p.input: missing")), "{msgs:?}");
+}
+
+#[test]
+fn syntax_errors_name_the_location() {
+    let e = parse("[broker\nhost = 1").expect_err("syntax");
+    assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    assert!(e.to_string().contains("line 1"), "{e}");
+}
+
+#[test]
+fn credentials_are_consistent_and_never_printed() {
+    let msgs =
+        problems(&format!("[broker]\npassword = \"hunter2\"\npassword_file = \"/x\"\n{MINIMAL}"));
+    assert!(msgs.iter().any(|m| m.contains("either password or password_file")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.contains("needs a username")), "{msgs:?}");
+    let cfg = parse(&format!("[broker]\nusername = \"u\"\npassword = \"hunter2\"\n{MINIMAL}"))
+        .expect("ok");
+    assert!(!format!("{cfg:?}").contains("hunter2"), "secret leaked into Debug output");
+}
+
+#[test]
+fn tls_switches_the_default_port_and_needs_cert_with_key() {
+    let cfg = parse(&format!("[broker.tls]\nca_file = \"ca.pem\"\n{MINIMAL}")).expect("ok");
+    assert_eq!(cfg.broker.port, 8883);
+    assert_eq!(
+        cfg.broker.tls.as_ref().and_then(|t| t.ca_file.clone()),
+        Some("/etc/edgeinfer/ca.pem".into())
+    );
+    let msgs = problems(&format!("[broker.tls]\ncert_file = \"c.pem\"\n{MINIMAL}"));
+    assert!(msgs.iter().any(|m| m.contains("must be given together")), "{msgs:?}");
+}
+
+#[test]
+fn cpus_outside_the_allowed_set_are_rejected_with_the_set() {
+    let msgs = problems(&format!("{MINIMAL}cpus = [4095]\n"));
+    assert!(msgs.iter().any(|m| m.contains("not in this process's allowed set [")), "{msgs:?}");
+    let msgs = problems(&format!("{MINIMAL}cpus = [0, 0]\n"));
+    assert!(msgs.iter().any(|m| m.contains("more than once")), "{msgs:?}");
+}
+
+#[test]
+fn input_shapes_and_postprocess() {
+    let cfg = parse(&format!(
+        "{MINIMAL}[pipelines.p.input_shapes]\naccel = [1, 3, 128]\n[pipelines.p.postprocess]\nkind = \"classification\"\ntop_k = 2\nlabels = \"l.txt\"\n"
+    ))
+    .expect("ok");
+    let p = &cfg.pipelines[0];
+    assert_eq!(p.input_shapes.get("accel"), Some(&vec![1, 3, 128]));
+    match &p.postprocess {
+        PostProcess::Classification(c) => {
+            assert_eq!(c.top_k, 2);
+            assert_eq!(c.labels.as_deref(), Some(Path::new("/etc/edgeinfer/l.txt")));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let msgs =
+        problems(&format!("{MINIMAL}[pipelines.p.input_shapes]\naccel = [1, -3]\nx = \"big\"\n"));
+    assert_eq!(msgs.iter().filter(|m| m.contains("positive dimensions")).count(), 2, "{msgs:?}");
+}
+
+#[test]
+fn max_payload_cannot_exceed_the_packet_limit() {
+    let msgs = problems(&format!(
+        "[broker]\nmax_packet_size = \"1MiB\"\n{MINIMAL}max_payload = \"2MiB\"\n"
+    ));
+    assert!(
+        msgs.iter().any(|m| m.starts_with("pipelines.p.max_payload: must be between")),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn check_files_reports_unreadable_paths() {
+    let cfg = parse(MINIMAL).expect("ok");
+    let probs = cfg.check_files();
+    assert_eq!(probs.len(), 1);
+    assert_eq!(probs[0].key, "pipelines.p.model");
+    assert!(probs[0].message.contains("cannot read file"), "{}", probs[0]);
+}
+
+/// The annotated default documents every key, commented out where optional. Uncommenting every
+/// `# key = value` / `# [table]` line must give a file where (a) every key the reader knows
+/// appears (nothing undocumented) and (b) nothing is an unknown key (nothing documented that
+/// does not exist).
+#[test]
+fn default_config_documents_exactly_the_known_keys() {
+    let uncommented: String = DEFAULT_CONFIG
+        .lines()
+        .map(|l| {
+            let body = l.strip_prefix("# ").unwrap_or(l);
+            let is_key = body.split_once(" = ").is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            });
+            let is_table = body.starts_with('[') && body.ends_with(']') && !body.contains(' ');
+            if l.starts_with("# ") && (is_key || is_table) { body } else { l }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    reader::KNOWN_KEYS.with(|k| k.borrow_mut().clear());
+    let problems = match parse(&uncommented) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems().to_vec(),
+    };
+    let unknown: Vec<&Problem> =
+        problems.iter().filter(|p| p.message.starts_with("unknown key")).collect();
+    assert!(unknown.is_empty(), "documented keys that do not exist: {unknown:#?}");
+    // Expected complaints: password and password_file are alternatives, and the example CPU
+    // list depends on the machine running the test.
+    for p in &problems {
+        assert!(
+            p.key == "broker.password" || p.key == "pipelines.digits.cpus",
+            "unexpected problem in the uncommented default: {p}"
+        );
+    }
+    let table: Table = toml::from_str(&uncommented).expect("toml");
+    let mut documented = std::collections::BTreeSet::new();
+    fn walk(prefix: &str, t: &Table, out: &mut std::collections::BTreeSet<String>) {
+        for (k, v) in t {
+            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if let Value::Table(sub) = v {
+                // Maps with user-chosen keys: their entries are not key names.
+                if path.ends_with("input_shapes") {
+                    out.insert(path.clone());
+                    continue;
+                }
+                walk(&path, sub, out);
+            }
+            out.insert(path);
+        }
+    }
+    walk("", &table, &mut documented);
+    let known = reader::KNOWN_KEYS.with(|k| k.borrow().clone());
+    let undocumented: Vec<&String> = known.iter().filter(|k| !documented.contains(*k)).collect();
+    assert!(
+        undocumented.is_empty(),
+        "keys the code reads but config/edgeinfer.toml does not document: {undocumented:?}"
+    );
+}

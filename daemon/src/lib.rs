@@ -1,0 +1,24 @@
+//! edgeinfer: an edge-appliance inference daemon. MQTT frames in, ONNX inference with tract on
+//! dedicated worker threads, results, health and metrics out.
+//!
+//! Module map (dependencies flow downwards; `app` wires the rest):
+//! - [`cli`]: command line and subcommands.
+//! - [`app`]: start-up sequence, serving loop, shutdown.
+//! - [`pipeline`]: decode -> bounded queue -> workers -> results.
+//! - [`mqtt`]: client options (session, TLS, Last Will) and the publisher used by workers.
+//! - [`model`]: tract behind our own `Model`/`Session` types.
+//! - [`telemetry`]: counters, histograms, accounting reasons.
+//! - [`config`]: the TOML file and its validation; [`topic`]: filters and templates.
+//! - [`logging`]: the process logger. `demo` (feature): in-process broker and sensors.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod logging;
+pub mod model;
+pub mod mqtt;
+pub mod pipeline;
+pub mod telemetry;
+pub mod topic;

@@ -1,0 +1,214 @@
+//! The MQTT client side: connection options from config (session, limits, credentials, TLS, Last
+//! Will), and the [`Publisher`] the worker threads use.
+//!
+//! The event loop itself is driven by `app` (one task owns it; see `app::run_connection`). This
+//! module does not route frames or know about pipelines.
+
+use std::fs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ClientError, EventLoop, LastWill, MqttOptions, QoS, TlsConfiguration, Transport,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{BrokerConfig, MAX_PAYLOAD_LIMIT, Qos};
+use crate::pipeline::{PublishError, Publisher};
+
+/// Errors preparing the MQTT connection (the connection itself retries forever).
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("cannot read {what} {path}")]
+    File {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} contains no usable PEM {expected}; hint: the file must be PEM-encoded")]
+    Pem { what: &'static str, path: String, expected: &'static str },
+    #[error("TLS configuration rejected: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("no trusted CA certificates found in the system store; hint: set broker.tls.ca_file")]
+    NoRoots,
+}
+
+pub fn qos(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+/// Connection options from the broker config. `will` is the (topic, payload) of the retained
+/// Last Will that marks the daemon offline if the connection dies.
+pub fn options(b: &BrokerConfig, will: (String, Vec<u8>)) -> Result<MqttOptions, MqttError> {
+    let mut o = MqttOptions::new(b.client_id.clone(), b.host.clone(), b.port);
+    o.set_keep_alive(b.keepalive);
+    o.set_clean_session(b.clean_session);
+    // rumqttc defaults to 10 KiB; frames are often larger. Outgoing results (e.g. 1000-class
+    // score vectors as JSON) can be large too; the broker enforces its own limit.
+    o.set_max_packet_size(b.max_packet_size as usize, MAX_PAYLOAD_LIMIT as usize);
+    o.set_inflight(b.inflight);
+    // QoS 1 frames are acknowledged by the ingest task only once the daemon has taken
+    // responsibility for them (queued, rejected or dropped-and-counted). Frames that arrive
+    // during shutdown are left unacknowledged, so a persistent session redelivers them.
+    o.set_manual_acks(true);
+    o.set_last_will(LastWill::new(will.0, will.1, QoS::AtLeastOnce, true));
+    if let Some(user) = &b.username {
+        let pass = match &b.password {
+            Some(p) => p.read().map_err(|source| MqttError::File {
+                what: "password file",
+                path: match p {
+                    crate::config::Secret::File(f) => f.display().to_string(),
+                    crate::config::Secret::Inline(_) => "(inline)".into(),
+                },
+                source,
+            })?,
+            None => String::new(),
+        };
+        o.set_credentials(user.clone(), pass);
+    }
+    if let Some(tls) = &b.tls {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(
+            tls_config(tls)?,
+        ))));
+    }
+    Ok(o)
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, MqttError> {
+    fs::read(path).map_err(|source| MqttError::File {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn tls_config(t: &crate::config::TlsConfig) -> Result<rustls::ClientConfig, MqttError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &t.ca_file {
+        Some(ca) => {
+            let pem = read("CA file", ca)?;
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
+            if certs.is_empty() {
+                return Err(MqttError::Pem {
+                    what: "CA file",
+                    path: ca.display().to_string(),
+                    expected: "certificate",
+                });
+            }
+            for c in certs {
+                roots.add(c)?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // Individual unparsable system certificates are skipped, as browsers do.
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(MqttError::NoRoots);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cfg = match (&t.cert_file, &t.key_file) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = read("client certificate", cert)?;
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&cert_pem).filter_map(Result::ok).collect();
+            if chain.is_empty() {
+                return Err(MqttError::Pem {
+                    what: "client certificate",
+                    path: cert.display().to_string(),
+                    expected: "certificate",
+                });
+            }
+            let key_pem = read("client key", key)?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| MqttError::Pem {
+                what: "client key",
+                path: key.display().to_string(),
+                expected: "private key",
+            })?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(cfg)
+}
+
+/// A new client and its event loop. `cap` bounds the request channel between them.
+pub fn client(opts: MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
+    AsyncClient::new(opts, cap)
+}
+
+/// [`Publisher`] over rumqttc's request channel, usable from plain threads.
+pub struct MqttPublisher {
+    client: AsyncClient,
+    rt: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+impl MqttPublisher {
+    pub fn new(client: AsyncClient, rt: tokio::runtime::Handle, timeout: Duration) -> Self {
+        Self { client, rt, timeout }
+    }
+}
+
+fn map_err(e: ClientError) -> PublishError {
+    match e {
+        ClientError::TryRequest(_) => PublishError::Full,
+        ClientError::Request(r) => match r {
+            rumqttc::Request::Publish(p) if !rumqttc::valid_topic(&p.topic) => {
+                PublishError::Topic(p.topic)
+            }
+            _ => PublishError::Closed,
+        },
+    }
+}
+
+impl Publisher for MqttPublisher {
+    fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        q: Qos,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        // Fast path without entering the runtime; fall back to a bounded wait when full.
+        let payload = match self.client.try_publish(topic, qos(q), retain, payload) {
+            Ok(()) => return Ok(()),
+            Err(ClientError::TryRequest(rumqttc::Request::Publish(p)))
+                if rumqttc::valid_topic(topic) =>
+            {
+                p.payload
+            }
+            Err(e) => return Err(map_err(e)),
+        };
+        let fut = self.client.publish(topic, qos(q), retain, payload.to_vec());
+        match self.rt.block_on(async { tokio::time::timeout(self.timeout, fut).await }) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(map_err(e)),
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        }
+    }
+
+    fn try_publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        q: Qos,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        self.client.try_publish(topic, qos(q), retain, payload).map_err(map_err)
+    }
+}

@@ -1,0 +1,636 @@
+//! Payload decoding: wire bytes -> validated input buffers in the model's dtype and layout.
+//!
+//! Two formats:
+//! - `raw`: the payload *is* the tensor (little-endian, C order, exactly the input's byte size).
+//!   It is kept as a zero-copy slice of the MQTT packet buffer.
+//! - `json`: `{"seq": 7, "ts": 1700000000123.5, "data": [...]}` for single-input models, or
+//!   `{"seq": 7, "inputs": {"a": [...], "b": [...]}}`; arrays nested to the input's shape or flat
+//!   with exactly the element count. Numbers stream straight into the little-endian buffer
+//!   (no intermediate `serde_json::Value` tree).
+//!
+//! Every failure is a [`Reject`] with a reason and a one-line detail; nothing here panics on input.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use smallvec::SmallVec;
+use tract_onnx::prelude::f16;
+
+use crate::config::{NanPolicy, PayloadFormat};
+use crate::model::{DType, TensorSpec};
+use crate::telemetry::RejectReason;
+
+/// Input buffers in model input order, plus the frame metadata the device sent.
+#[derive(Debug, Clone, Default)]
+pub struct Decoded {
+    pub seq: Option<u64>,
+    /// Device timestamp, milliseconds since the Unix epoch.
+    pub ts: Option<f64>,
+    pub inputs: SmallVec<[Bytes; 2]>,
+}
+
+/// Why a payload was refused, with a human-readable detail for the error topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    pub reason: RejectReason,
+    pub detail: String,
+    /// The device's sequence number, when it could be read.
+    pub seq: Option<u64>,
+}
+
+impl Reject {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self { reason, detail: detail.into(), seq: None }
+    }
+}
+
+/// Decoder for one pipeline's payloads, built once from the model's input signature.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    format: PayloadFormat,
+    specs: Vec<TensorSpec>,
+    max_payload: usize,
+    nan: NanPolicy,
+}
+
+impl Decoder {
+    /// Fails when the format cannot carry the model's inputs (raw needs exactly one input).
+    pub fn new(
+        format: PayloadFormat,
+        specs: Vec<TensorSpec>,
+        max_payload: u64,
+        nan: NanPolicy,
+    ) -> Result<Self, String> {
+        if format == PayloadFormat::Raw && specs.len() != 1 {
+            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!(
+                "format \"raw\" carries exactly one input tensor, but the model has {} ({names:?}); \
+                 use format = \"json\" with named inputs",
+                specs.len()
+            ));
+        }
+        Ok(Self {
+            format,
+            specs,
+            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
+            nan,
+        })
+    }
+
+    pub fn decode(&self, payload: Bytes) -> Result<Decoded, Reject> {
+        if payload.is_empty() {
+            return Err(Reject::new(
+                RejectReason::Empty,
+                "empty payload (e.g. a cleared retained message)",
+            ));
+        }
+        if payload.len() > self.max_payload {
+            return Err(Reject::new(
+                RejectReason::Oversized,
+                format!("payload is {} bytes, max_payload is {}", payload.len(), self.max_payload),
+            ));
+        }
+        match self.format {
+            PayloadFormat::Raw => self.decode_raw(payload),
+            PayloadFormat::Json => self.decode_json(&payload),
+        }
+    }
+
+    fn decode_raw(&self, payload: Bytes) -> Result<Decoded, Reject> {
+        let spec = &self.specs[0];
+        if payload.len() != spec.byte_len() {
+            return Err(Reject::new(
+                RejectReason::WrongSize,
+                format!(
+                    "expected {} bytes ({} {:?} little-endian for input `{}`), got {}",
+                    spec.byte_len(),
+                    spec.dtype,
+                    spec.shape,
+                    spec.name,
+                    payload.len()
+                ),
+            ));
+        }
+        if self.nan == NanPolicy::Reject
+            && let Some(i) = first_non_finite(spec.dtype, &payload)
+        {
+            return Err(Reject::new(
+                RejectReason::NonFinite,
+                format!("element {i} of input `{}` is not finite (nan = \"reject\")", spec.name),
+            ));
+        }
+        let mut inputs = SmallVec::new();
+        inputs.push(payload);
+        Ok(Decoded { seq: None, ts: None, inputs })
+    }
+
+    fn decode_json(&self, payload: &[u8]) -> Result<Decoded, Reject> {
+        #[derive(Deserialize)]
+        struct Frame<'a> {
+            #[serde(default)]
+            seq: Option<u64>,
+            #[serde(default)]
+            ts: Option<f64>,
+            #[serde(borrow, default)]
+            data: Option<&'a RawValue>,
+            #[serde(borrow, default)]
+            inputs: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
+        }
+        let malformed = |e: serde_json::Error| {
+            Reject::new(RejectReason::Malformed, format!("invalid JSON frame: {e}"))
+        };
+        let frame: Frame<'_> = serde_json::from_slice(payload).map_err(malformed)?;
+        let with_seq = |mut r: Reject| {
+            r.seq = frame.seq;
+            r
+        };
+        if let Some(ts) = frame.ts
+            && !ts.is_finite()
+        {
+            return Err(with_seq(Reject::new(
+                RejectReason::Malformed,
+                "`ts` must be a finite number",
+            )));
+        }
+        let mut inputs = SmallVec::new();
+        match (frame.data, &frame.inputs) {
+            (Some(_), Some(_)) => {
+                return Err(with_seq(Reject::new(
+                    RejectReason::Malformed,
+                    "give either `data` or `inputs`, not both",
+                )));
+            }
+            (None, None) => {
+                return Err(with_seq(Reject::new(
+                    RejectReason::Malformed,
+                    "missing `data` (single-input models) or `inputs` (named inputs)",
+                )));
+            }
+            (Some(data), None) => {
+                if self.specs.len() != 1 {
+                    let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
+                    return Err(with_seq(Reject::new(
+                        RejectReason::Malformed,
+                        format!(
+                            "the model has {} inputs {names:?}: send them by name in `inputs`",
+                            self.specs.len()
+                        ),
+                    )));
+                }
+                inputs.push(self.tensor(&self.specs[0], data).map_err(with_seq)?);
+            }
+            (None, Some(named)) => {
+                if let Some(unknown) =
+                    named.keys().find(|k| !self.specs.iter().any(|s| s.name == **k))
+                {
+                    let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
+                    return Err(with_seq(Reject::new(
+                        RejectReason::Malformed,
+                        format!("unknown input `{unknown}`; the model's inputs are {names:?}"),
+                    )));
+                }
+                for spec in &self.specs {
+                    let Some(raw) = named.get(spec.name.as_str()) else {
+                        return Err(with_seq(Reject::new(
+                            RejectReason::Malformed,
+                            format!("missing input `{}`", spec.name),
+                        )));
+                    };
+                    inputs.push(self.tensor(spec, raw).map_err(with_seq)?);
+                }
+            }
+        }
+        Ok(Decoded { seq: frame.seq, ts: frame.ts, inputs })
+    }
+
+    /// Parses one JSON array into `spec`'s little-endian byte layout.
+    fn tensor(&self, spec: &TensorSpec, raw: &RawValue) -> Result<Bytes, Reject> {
+        let mut sink = Sink {
+            out: Vec::with_capacity(spec.byte_len()),
+            spec,
+            nan: self.nan,
+            total: spec.len(),
+            leaves: 0,
+            leaf_depth: None,
+            reject: None,
+        };
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        let res = Node { sink: &mut sink, depth: 0 }.deserialize(&mut de);
+        if let Some(r) = sink.reject.take() {
+            return Err(r);
+        }
+        if let Err(e) = res {
+            return Err(Reject::new(
+                RejectReason::Malformed,
+                format!("input `{}`: {e}", spec.name),
+            ));
+        }
+        if sink.leaves != sink.total {
+            return Err(sink.shape_error(format!("has {} elements", sink.leaves)));
+        }
+        Ok(Bytes::from(sink.out))
+    }
+}
+
+/// Index of the first NaN/inf element of a float tensor in little-endian bytes.
+fn first_non_finite(dt: DType, b: &[u8]) -> Option<usize> {
+    match dt {
+        DType::F32 => b
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        DType::F64 => b.chunks_exact(8).position(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            !f64::from_le_bytes(a).is_finite()
+        }),
+        DType::F16 => b
+            .chunks_exact(2)
+            .position(|c| !f16::from_bits(u16::from_le_bytes([c[0], c[1]])).is_finite()),
+        _ => None,
+    }
+}
+
+/// Accumulates decoded elements and the first reason to reject.
+struct Sink<'s> {
+    out: Vec<u8>,
+    spec: &'s TensorSpec,
+    nan: NanPolicy,
+    total: usize,
+    leaves: usize,
+    /// Nesting depth of the first number seen: `rank` (nested form) or 1 (flat form).
+    leaf_depth: Option<usize>,
+    reject: Option<Reject>,
+}
+
+impl Sink<'_> {
+    fn shape_error(&self, what: String) -> Reject {
+        Reject::new(
+            RejectReason::WrongShape,
+            format!(
+                "input `{}` {what}; expected shape {:?} ({} elements), nested or flat",
+                self.spec.name, self.spec.shape, self.total
+            ),
+        )
+    }
+
+    fn fail<E: de::Error>(&mut self, r: Reject) -> E {
+        let msg = r.detail.clone();
+        self.reject.get_or_insert(r);
+        E::custom(msg)
+    }
+
+    fn leaf<E: de::Error>(&mut self, depth: usize, v: Num) -> Result<(), E> {
+        let rank = self.spec.shape.len();
+        match self.leaf_depth {
+            None if depth == rank || depth == 1 || (rank == 0 && depth == 0) => {
+                self.leaf_depth = Some(depth)
+            }
+            None => {
+                return Err(
+                    self.fail(self.shape_error(format!("has a number at nesting depth {depth}")))
+                );
+            }
+            Some(d) if d != depth => {
+                return Err(
+                    self.fail(self.shape_error("mixes numbers and arrays at one level".into()))
+                );
+            }
+            Some(_) => {}
+        }
+        if self.leaves >= self.total {
+            // Stop early: never let an oversized array grow the buffer past the input's size.
+            return Err(
+                self.fail(self.shape_error(format!("has more than {} elements", self.total)))
+            );
+        }
+        self.leaves += 1;
+        let spec: &TensorSpec = self.spec;
+        let name = &spec.name;
+        let idx = self.leaves - 1;
+        let dt = spec.dtype;
+        let wrong = |what: String| {
+            Reject::new(
+                RejectReason::WrongDtype,
+                format!("input `{name}` ({dt}) element {idx}: {what}"),
+            )
+        };
+        macro_rules! int {
+            ($t:ty) => {{
+                let x: $t = match v {
+                    Num::U(u) => {
+                        <$t>::try_from(u).map_err(|_| wrong(format!("{u} is out of range")))?
+                    }
+                    Num::I(i) => {
+                        <$t>::try_from(i).map_err(|_| wrong(format!("{i} is out of range")))?
+                    }
+                    Num::F(f)
+                        if f.fract() == 0.0 && f >= <$t>::MIN as f64 && f <= <$t>::MAX as f64 =>
+                    {
+                        f as $t
+                    }
+                    Num::F(f) => return Err(wrong(format!("{f} is not an integer in range"))),
+                    Num::B(b) => return Err(wrong(format!("{b} is a boolean"))),
+                };
+                self.out.extend_from_slice(&x.to_le_bytes());
+            }};
+        }
+        let res: Result<(), Reject> = (|| {
+            match dt {
+                DType::F16 | DType::F32 | DType::F64 => {
+                    let f = match v {
+                        Num::U(u) => u as f64,
+                        Num::I(i) => i as f64,
+                        Num::F(f) => f,
+                        Num::B(b) => return Err(wrong(format!("{b} is a boolean"))),
+                    };
+                    let finite = match dt {
+                        DType::F16 => f16::from_f64(f).is_finite(),
+                        DType::F32 => (f as f32).is_finite(),
+                        _ => f.is_finite(),
+                    };
+                    if !finite && self.nan == NanPolicy::Reject {
+                        return Err(Reject::new(
+                            RejectReason::NonFinite,
+                            format!(
+                                "input `{name}` element {idx}: {f} overflows {dt} (nan = \"reject\")"
+                            ),
+                        ));
+                    }
+                    match dt {
+                        DType::F16 => {
+                            self.out.extend_from_slice(&f16::from_f64(f).to_bits().to_le_bytes())
+                        }
+                        DType::F32 => self.out.extend_from_slice(&(f as f32).to_le_bytes()),
+                        _ => self.out.extend_from_slice(&f.to_le_bytes()),
+                    }
+                }
+                DType::Bool => match v {
+                    Num::B(b) => self.out.push(u8::from(b)),
+                    Num::U(u @ (0 | 1)) => self.out.push(u as u8),
+                    _ => return Err(wrong("expected true/false or 0/1".into())),
+                },
+                DType::I8 => int!(i8),
+                DType::I16 => int!(i16),
+                DType::I32 => int!(i32),
+                DType::I64 => int!(i64),
+                DType::U8 => int!(u8),
+                DType::U16 => int!(u16),
+                DType::U32 => int!(u32),
+                DType::U64 => int!(u64),
+            }
+            Ok(())
+        })();
+        res.map_err(|r| self.fail(r))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Num {
+    U(u64),
+    I(i64),
+    F(f64),
+    B(bool),
+}
+
+/// One JSON value at nesting `depth` (0 = the input's top-level value).
+struct Node<'a, 's> {
+    sink: &'a mut Sink<'s>,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a number or an array of numbers")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.sink.leaf(self.depth, Num::U(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.sink.leaf(self.depth, Num::I(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.sink.leaf(self.depth, Num::F(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.sink.leaf(self.depth, Num::B(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        let what = format!(
+            "input `{}` contains the string {v:?} where a number belongs",
+            self.sink.spec.name
+        );
+        Err(self.sink.fail(Reject::new(RejectReason::WrongDtype, what)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        let what = format!("input `{}` contains null where a number belongs", self.sink.spec.name);
+        Err(self.sink.fail(Reject::new(RejectReason::WrongDtype, what)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let rank = self.sink.spec.shape.len();
+        if self.depth >= rank.max(1) {
+            let r = self.sink.shape_error(format!("is nested deeper than its rank {rank}"));
+            return Err(self.sink.fail(r));
+        }
+        let mut n = 0usize;
+        while seq
+            .next_element_seed(Node { sink: &mut *self.sink, depth: self.depth + 1 })?
+            .is_some()
+        {
+            n += 1;
+        }
+        let flat = self.sink.leaf_depth == Some(1) && rank != 1;
+        let expected = if flat { self.sink.total } else { self.sink.spec.shape[self.depth] };
+        if n != expected {
+            let r = if flat {
+                self.sink.shape_error(format!("has {n} elements"))
+            } else {
+                self.sink.shape_error(format!(
+                    "has {n} entries on axis {} (expected {expected})",
+                    self.depth
+                ))
+            };
+            return Err(self.sink.fail(r));
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+        let what = format!(
+            "input `{}` contains an object where a number or array belongs",
+            self.sink.spec.name
+        );
+        Err(self.sink.fail(Reject::new(RejectReason::WrongShape, what)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Dim;
+
+    fn spec(name: &str, dtype: DType, shape: &[usize]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape: shape.to_vec(), declared: vec![Dim::Unknown] }
+    }
+
+    fn json_dec(specs: Vec<TensorSpec>) -> Decoder {
+        Decoder::new(PayloadFormat::Json, specs, 1 << 20, NanPolicy::Reject).expect("decoder")
+    }
+
+    fn f32s(b: &Bytes) -> Vec<f32> {
+        b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+
+    fn reason(r: Result<Decoded, Reject>) -> RejectReason {
+        match r {
+            Ok(d) => panic!("expected a reject, decoded {d:?}"),
+            Err(r) => r.reason,
+        }
+    }
+
+    #[test]
+    fn raw_is_zero_copy_and_size_checked() {
+        let d = Decoder::new(
+            PayloadFormat::Raw,
+            vec![spec("x", DType::F32, &[1, 2])],
+            1024,
+            NanPolicy::Reject,
+        )
+        .expect("decoder");
+        let payload = Bytes::from([1f32.to_le_bytes(), 2f32.to_le_bytes()].concat());
+        let ptr = payload.as_ptr();
+        let out = d.decode(payload).expect("valid");
+        assert_eq!(out.inputs[0].as_ptr(), ptr, "raw frames must not be copied");
+        let short = d.decode(Bytes::from_static(&[0u8; 7])).expect_err("short");
+        assert_eq!(short.reason, RejectReason::WrongSize);
+        assert!(
+            short
+                .detail
+                .contains("expected 8 bytes (f32 [1, 2] little-endian for input `x`), got 7"),
+            "{}",
+            short.detail
+        );
+        assert_eq!(reason(d.decode(Bytes::new())), RejectReason::Empty);
+        assert_eq!(reason(d.decode(Bytes::from(vec![0u8; 2000]))), RejectReason::Oversized);
+        let nan = Bytes::from([1f32.to_le_bytes(), f32::NAN.to_le_bytes()].concat());
+        let r = d.decode(nan.clone()).expect_err("nan");
+        assert_eq!((r.reason, r.detail.contains("element 1")), (RejectReason::NonFinite, true));
+        let allow = Decoder::new(
+            PayloadFormat::Raw,
+            vec![spec("x", DType::F32, &[1, 2])],
+            1024,
+            NanPolicy::Allow,
+        )
+        .expect("decoder");
+        assert!(allow.decode(nan).is_ok());
+    }
+
+    #[test]
+    fn raw_needs_exactly_one_input() {
+        let e = Decoder::new(
+            PayloadFormat::Raw,
+            vec![spec("a", DType::F32, &[1]), spec("b", DType::F32, &[1])],
+            1024,
+            NanPolicy::Reject,
+        )
+        .expect_err("two inputs");
+        assert!(e.contains("use format = \"json\""), "{e}");
+    }
+
+    #[test]
+    fn json_nested_and_flat_forms_give_the_same_bytes() {
+        let d = json_dec(vec![spec("x", DType::F32, &[1, 2, 3])]);
+        let nested = d
+            .decode(Bytes::from_static(br#"{"seq":9,"ts":1.5,"data":[[[1,2,3],[4,5,6.5]]]}"#))
+            .expect("nested");
+        let flat = d.decode(Bytes::from_static(br#"{"data":[1,2,3,4,5,6.5]}"#)).expect("flat");
+        assert_eq!(f32s(&nested.inputs[0]), vec![1., 2., 3., 4., 5., 6.5]);
+        assert_eq!(nested.inputs[0], flat.inputs[0]);
+        assert_eq!((nested.seq, nested.ts), (Some(9), Some(1.5)));
+    }
+
+    #[test]
+    fn json_shape_errors() {
+        let d = json_dec(vec![spec("x", DType::F32, &[2, 2])]);
+        for bad in [
+            r#"{"data":[1,2,3]}"#,
+            r#"{"data":[1,2,3,4,5]}"#,
+            r#"{"data":[[1,2],[3]]}"#,
+            r#"{"data":[[1,2],[3,4],[5,6]]}"#,
+            r#"{"data":[[1,2],3,4]}"#,
+            r#"{"data":[[[1],[2]],[[3],[4]]]}"#,
+            r#"{"data":[]}"#,
+            r#"{"data":5}"#,
+            r#"{"data":{"a":1}}"#,
+        ] {
+            assert_eq!(reason(d.decode(Bytes::from(bad))), RejectReason::WrongShape, "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_dtype_and_value_errors() {
+        let d = json_dec(vec![spec("k", DType::I64, &[1]), spec("u", DType::U8, &[2])]);
+        let ok = d.decode(Bytes::from_static(br#"{"inputs":{"k":[-3],"u":[0,255]}}"#)).expect("ok");
+        assert_eq!(ok.inputs[0].as_ref(), (-3i64).to_le_bytes());
+        assert_eq!(ok.inputs[1].as_ref(), [0u8, 255]);
+        for bad in [
+            r#"{"inputs":{"k":[1.5],"u":[0,1]}}"#,
+            r#"{"inputs":{"k":[1],"u":[0,256]}}"#,
+            r#"{"inputs":{"k":[1],"u":[0,-1]}}"#,
+            r#"{"inputs":{"k":["1"],"u":[0,1]}}"#,
+            r#"{"inputs":{"k":[null],"u":[0,1]}}"#,
+        ] {
+            assert_eq!(reason(d.decode(Bytes::from(bad))), RejectReason::WrongDtype, "{bad}");
+        }
+        let f = json_dec(vec![spec("x", DType::F32, &[1])]);
+        assert_eq!(
+            reason(f.decode(Bytes::from_static(br#"{"data":[1e39]}"#))),
+            RejectReason::NonFinite
+        );
+    }
+
+    #[test]
+    fn json_structure_errors_are_malformed_and_keep_seq() {
+        let d = json_dec(vec![spec("a", DType::F32, &[1]), spec("b", DType::F32, &[1])]);
+        for bad in [
+            "not json",
+            r#"{"seq":1,"data":[1]}"#,
+            r#"{"seq":1}"#,
+            r#"{"seq":1,"inputs":{"a":[1]}}"#,
+            r#"{"seq":1,"inputs":{"a":[1],"b":[2],"c":[3]}}"#,
+            r#"{"seq":1,"data":[1],"inputs":{"a":[1],"b":[2]}}"#,
+            r#"{"seq":"one","inputs":{"a":[1],"b":[2]}}"#,
+            r#"[1,2]"#,
+        ] {
+            let r = d.decode(Bytes::from(bad)).expect_err(bad);
+            assert_eq!(r.reason, RejectReason::Malformed, "{bad}: {}", r.detail);
+            if bad.starts_with(r#"{"seq":1,"#) {
+                assert_eq!(r.seq, Some(1), "{bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_json_arrays_stop_early() {
+        let d = json_dec(vec![spec("x", DType::F32, &[4])]);
+        let big = format!("{{\"data\":[{}]}}", vec!["1"; 10_000].join(","));
+        let r = d.decode(Bytes::from(big)).expect_err("too many");
+        assert_eq!(r.reason, RejectReason::WrongShape);
+        assert!(r.detail.contains("more than 4 elements"), "{}", r.detail);
+    }
+}

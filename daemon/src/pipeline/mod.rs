@@ -1,0 +1,270 @@
+//! The data path of one pipeline: decode -> bounded queue -> inference workers -> result.
+//!
+//! A [`Pipeline`] is built at start-up from its config and loaded model. The ingest task calls
+//! [`Pipeline::ingest`] for every matching MQTT message (decode, validate, enqueue, count); worker
+//! threads ([`worker`]) take frames, run the model and publish results through a [`Publisher`].
+//! This module does not own the MQTT connection: publishing goes through the trait, so tests can
+//! drive a pipeline without a broker.
+
+pub mod decode;
+pub mod output;
+pub mod queue;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use crate::config::{ErrorsConfig, PipelineConfig, PostProcess, Qos};
+use crate::model::Model;
+use crate::telemetry::{DropReason, PipelineStats};
+use crate::topic::Captures;
+use decode::{Decoder, Reject};
+use output::{ErrorMsg, unix_us};
+use queue::{FrameQueue, Push};
+pub use worker::WorkerHandle;
+
+/// Why a message could not be handed to the MQTT client.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the MQTT client's request queue stayed full for {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the MQTT client's request queue is full")]
+    Full,
+    #[error("the MQTT client is shut down")]
+    Closed,
+    #[error("invalid topic {0:?}")]
+    Topic(String),
+}
+
+/// Where pipelines send results and error messages. Implemented over rumqttc by `mqtt`.
+pub trait Publisher: Send + Sync {
+    /// Hands a message to the client, waiting a bounded time when its queue is full (workers).
+    fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        qos: Qos,
+        retain: bool,
+    ) -> Result<(), PublishError>;
+    /// Never waits (the ingest task must keep the MQTT event loop moving).
+    fn try_publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        qos: Qos,
+        retain: bool,
+    ) -> Result<(), PublishError>;
+}
+
+/// A validated frame waiting for inference.
+#[derive(Debug)]
+pub struct Frame {
+    /// Daemon-assigned, per pipeline, increasing.
+    pub id: u64,
+    pub topic: String,
+    pub output_topic: String,
+    pub seq: Option<u64>,
+    pub ts: Option<f64>,
+    pub received: Instant,
+    pub received_us: u64,
+    /// One buffer per model input, in the model's dtype and layout.
+    pub inputs: SmallVec<[Bytes; 2]>,
+}
+
+/// Per-pipeline rate limit for error messages (a flood of bad frames must not become a flood of
+/// error messages). Fixed one-second windows; the excess is counted, not published.
+struct ErrorLimiter {
+    limit: u32,
+    window: AtomicU64,
+    count: AtomicU32,
+}
+
+impl ErrorLimiter {
+    fn allow(&self) -> bool {
+        let now = unix_us(SystemTime::now()) / 1_000_000;
+        if self.window.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) < self.limit
+    }
+}
+
+/// One model served on one input stream.
+pub struct Pipeline {
+    pub cfg: PipelineConfig,
+    pub model: Model,
+    pub stats: PipelineStats,
+    pub queue: FrameQueue<Frame>,
+    decoder: Decoder,
+    labels: Vec<String>,
+    device_id: String,
+    error_topic: String,
+    errors: ErrorLimiter,
+    next_frame: AtomicU64,
+}
+
+impl Pipeline {
+    /// Binds a loaded model to its pipeline config. Fails when the two disagree (e.g. raw
+    /// format for a multi-input model, a score output that does not exist).
+    pub fn new(
+        cfg: PipelineConfig,
+        model: Model,
+        labels: Vec<String>,
+        device_id: &str,
+        errors: &ErrorsConfig,
+    ) -> Result<Pipeline, String> {
+        let decoder = Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?;
+        // Validate the post-processing against the model now rather than on the first frame.
+        output::ResultWriter::new(cfg.postprocess.clone(), labels.clone(), &model)?;
+        if let PostProcess::Classification(c) = &cfg.postprocess {
+            let idx = c
+                .output
+                .as_ref()
+                .and_then(|n| model.outputs.iter().position(|o| &o.name == n))
+                .unwrap_or(0);
+            let classes = model.outputs.get(idx).map_or(0, |o| o.len());
+            if !labels.is_empty() && labels.len() != classes {
+                log::warn!(
+                    "pipeline={} labels file has {} lines but output `{}` has {} classes; unmatched classes get no label",
+                    cfg.name,
+                    labels.len(),
+                    model.outputs.get(idx).map_or("", |o| o.name.as_str()),
+                    classes
+                );
+            }
+        }
+        Ok(Pipeline {
+            queue: FrameQueue::new(cfg.queue.capacity, cfg.queue.policy),
+            error_topic: errors.topic.render(device_id, &cfg.name),
+            errors: ErrorLimiter {
+                limit: errors.rate_limit,
+                window: AtomicU64::new(0),
+                count: AtomicU32::new(0),
+            },
+            cfg,
+            model,
+            stats: PipelineStats::default(),
+            decoder,
+            labels,
+            device_id: device_id.to_string(),
+            next_frame: AtomicU64::new(1),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Decodes a message that matched this pipeline's filter and offers it to the queue.
+    /// Returns the frame when it must wait for room (the `block` policy): the caller awaits
+    /// [`FrameQueue::push_wait`] and passes the outcome to [`Pipeline::account_push`].
+    pub fn ingest(
+        &self,
+        topic: &str,
+        captures: &Captures,
+        payload: Bytes,
+        publisher: &dyn Publisher,
+    ) -> Option<Frame> {
+        let received = Instant::now();
+        let received_us = unix_us(SystemTime::now());
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let decoded = match self.decoder.decode(payload) {
+            Ok(d) => d,
+            Err(r) => {
+                self.reject(topic, &r, publisher);
+                return None;
+            }
+        };
+        let mut output_topic = String::with_capacity(self.cfg.output.as_str().len() + topic.len());
+        self.cfg.output.render_into(
+            &mut output_topic,
+            &self.device_id,
+            &self.cfg.name,
+            topic,
+            captures,
+        );
+        let frame = Frame {
+            id: self.next_frame.fetch_add(1, Ordering::Relaxed),
+            topic: topic.to_string(),
+            output_topic,
+            seq: decoded.seq,
+            ts: decoded.ts,
+            received,
+            received_us,
+            inputs: decoded.inputs,
+        };
+        if self.cfg.queue.policy == crate::config::DropPolicy::Block {
+            match self.queue.push(frame) {
+                Push::Full(f) => return Some(f),
+                other => self.account_push(other),
+            }
+        } else {
+            let outcome = self.queue.push(frame);
+            self.account_push(outcome);
+        }
+        None
+    }
+
+    /// Counts what a push did (evictions and refusals are drops, never silent).
+    pub fn account_push(&self, outcome: Push<Frame>) {
+        match outcome {
+            Push::Queued => {}
+            Push::Evicted(_) | Push::Full(_) => self.stats.drop_frame(DropReason::QueueFull),
+            Push::Closed(_) => self.stats.drop_frame(DropReason::Shutdown),
+        }
+    }
+
+    fn reject(&self, topic: &str, r: &Reject, publisher: &dyn Publisher) {
+        self.stats.reject(r.reason);
+        self.report_error(publisher, topic, r.reason.as_str(), &r.detail, r.seq, false);
+    }
+
+    /// Publishes an error message (rate-limited). `wait`: may block briefly (workers only).
+    pub fn report_error(
+        &self,
+        publisher: &dyn Publisher,
+        topic: &str,
+        reason: &str,
+        detail: &str,
+        seq: Option<u64>,
+        wait: bool,
+    ) {
+        if !self.errors.allow() {
+            self.stats.errors_suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let msg = ErrorMsg {
+            pipeline: &self.cfg.name,
+            topic,
+            reason,
+            detail,
+            seq,
+            at_us: unix_us(SystemTime::now()),
+        };
+        let Ok(payload) = serde_json::to_vec(&msg) else { return };
+        let res = if wait {
+            publisher.publish(&self.error_topic, payload, Qos::AtMostOnce, false)
+        } else {
+            publisher.try_publish(&self.error_topic, payload, Qos::AtMostOnce, false)
+        };
+        if res.is_err() {
+            self.stats.errors_suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts this pipeline's worker threads; returns once every worker has its inference
+    /// session ready (or the first error).
+    pub fn start_workers(
+        self: &Arc<Self>,
+        publisher: Arc<dyn Publisher>,
+    ) -> Result<Vec<WorkerHandle>, String> {
+        worker::start(self, publisher)
+    }
+}
+
+#[cfg(test)]
+mod tests;

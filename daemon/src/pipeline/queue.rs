@@ -1,0 +1,261 @@
+//! The bounded frame queue between the ingest task (async, producer) and the inference workers
+//! (OS threads, consumers).
+//!
+//! A plain `Mutex<VecDeque>` with a `Condvar` for workers and a `tokio::sync::Notify` for the
+//! producer waiting for room under the `block` policy. Drop-oldest needs to evict from the
+//! producer side, which off-the-shelf channels do not offer. The queue also counts frames a
+//! worker has taken but not finished, so shutdown can tell when everything is served.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::config::DropPolicy;
+
+/// Result of offering an item to the queue.
+#[derive(Debug)]
+pub enum Push<T> {
+    /// Queued; nothing was lost.
+    Queued,
+    /// Queued, and this older item was evicted to make room (drop_oldest).
+    Evicted(T),
+    /// Not queued: the queue is full (drop_newest, or block that timed out). Item returned.
+    Full(T),
+    /// Not queued: the queue is closed for shutdown. Item returned.
+    Closed(T),
+}
+
+/// Result of waiting for an item.
+#[derive(Debug)]
+pub enum Pop<T> {
+    Item(T),
+    /// Nothing arrived within the timeout (lets workers report liveness while idle).
+    Timeout,
+    /// Closed and empty: the worker should exit.
+    Closed,
+}
+
+struct Inner<T> {
+    items: VecDeque<T>,
+    closed: bool,
+    in_flight: usize,
+}
+
+/// Bounded multi-consumer queue with a drop policy.
+pub struct FrameQueue<T> {
+    inner: Mutex<Inner<T>>,
+    not_empty: Condvar,
+    /// Signalled whenever an item leaves the queue or an in-flight item completes.
+    changed: Notify,
+    capacity: usize,
+    policy: DropPolicy,
+}
+
+impl<T> FrameQueue<T> {
+    pub fn new(capacity: usize, policy: DropPolicy) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                items: VecDeque::with_capacity(capacity),
+                closed: false,
+                in_flight: 0,
+            }),
+            not_empty: Condvar::new(),
+            changed: Notify::new(),
+            capacity: capacity.max(1),
+            policy,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        // A worker that panicked while holding the lock (it does not: no code under the lock
+        // can panic) would poison it; the data is a plain queue, still consistent, so go on.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn policy(&self) -> DropPolicy {
+        self.policy
+    }
+
+    /// Frames waiting for a worker.
+    pub fn depth(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    /// Frames taken by a worker and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Offers an item without waiting. Under `block` this behaves like drop_newest; use
+    /// [`FrameQueue::push_wait`] to wait for room.
+    pub fn push(&self, item: T) -> Push<T> {
+        let mut g = self.lock();
+        if g.closed {
+            return Push::Closed(item);
+        }
+        if g.items.len() < self.capacity {
+            g.items.push_back(item);
+            drop(g);
+            self.not_empty.notify_one();
+            return Push::Queued;
+        }
+        match self.policy {
+            DropPolicy::DropOldest => {
+                let old = g.items.pop_front();
+                g.items.push_back(item);
+                drop(g);
+                self.not_empty.notify_one();
+                match old {
+                    Some(o) => Push::Evicted(o),
+                    None => Push::Queued,
+                }
+            }
+            DropPolicy::DropNewest | DropPolicy::Block => Push::Full(item),
+        }
+    }
+
+    /// Offers an item, waiting up to `timeout` for room when full (the `block` policy).
+    pub async fn push_wait(&self, item: T, timeout: Duration) -> Push<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut item = item;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Register interest before re-checking, so a pop in between is not missed.
+            notified.as_mut().enable();
+            match self.push(item) {
+                Push::Full(back) => item = back,
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.push(item);
+            }
+        }
+    }
+
+    /// Takes the next item, waiting up to `timeout`. The caller must call
+    /// [`FrameQueue::done`] when finished with it.
+    pub fn pop(&self, timeout: Duration) -> Pop<T> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        loop {
+            if let Some(item) = g.items.pop_front() {
+                g.in_flight += 1;
+                drop(g);
+                self.changed.notify_waiters();
+                return Pop::Item(item);
+            }
+            if g.closed {
+                return Pop::Closed;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Pop::Timeout;
+            }
+            g = self
+                .not_empty
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Marks one popped item as finished.
+    pub fn done(&self) {
+        let mut g = self.lock();
+        g.in_flight = g.in_flight.saturating_sub(1);
+        drop(g);
+        self.changed.notify_waiters();
+    }
+
+    /// Stops accepting items; workers drain what is queued, then see [`Pop::Closed`].
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.not_empty.notify_all();
+        self.changed.notify_waiters();
+    }
+
+    /// Removes everything still queued (shutdown grace expired); returns the items.
+    pub fn drain_remaining(&self) -> Vec<T> {
+        let items: Vec<T> = self.lock().items.drain(..).collect();
+        self.not_empty.notify_all();
+        items
+    }
+
+    /// True when nothing is queued or in flight.
+    pub fn is_idle(&self) -> bool {
+        let g = self.lock();
+        g.items.is_empty() && g.in_flight == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn drop_oldest_evicts_the_head() {
+        let q = FrameQueue::new(2, DropPolicy::DropOldest);
+        assert!(matches!(q.push(1), Push::Queued));
+        assert!(matches!(q.push(2), Push::Queued));
+        assert!(matches!(q.push(3), Push::Evicted(1)));
+        assert!(matches!(q.pop(Duration::ZERO), Pop::Item(2)));
+        assert!(matches!(q.pop(Duration::ZERO), Pop::Item(3)));
+        assert!(matches!(q.pop(Duration::ZERO), Pop::Timeout));
+    }
+
+    #[test]
+    fn drop_newest_refuses_the_new_item() {
+        let q = FrameQueue::new(1, DropPolicy::DropNewest);
+        assert!(matches!(q.push(1), Push::Queued));
+        assert!(matches!(q.push(2), Push::Full(2)));
+        assert_eq!(q.depth(), 1);
+    }
+
+    #[test]
+    fn close_lets_workers_drain_then_stop() {
+        let q = FrameQueue::new(4, DropPolicy::DropOldest);
+        q.push(1);
+        q.close();
+        assert!(matches!(q.push(2), Push::Closed(2)));
+        assert!(matches!(q.pop(Duration::ZERO), Pop::Item(1)));
+        assert!(!q.is_idle(), "item 1 is in flight");
+        q.done();
+        assert!(q.is_idle());
+        assert!(matches!(q.pop(Duration::from_secs(5)), Pop::Closed));
+    }
+
+    #[test]
+    fn pop_wakes_when_an_item_arrives() {
+        let q = Arc::new(FrameQueue::new(4, DropPolicy::DropOldest));
+        let q2 = Arc::clone(&q);
+        let t = std::thread::spawn(move || q2.pop(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        q.push(7);
+        assert!(matches!(t.join().expect("thread"), Pop::Item(7)));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn block_waits_for_room_then_times_out() {
+        let q = Arc::new(FrameQueue::new(1, DropPolicy::Block));
+        q.push(1);
+        // Room appears after a worker pops: the blocked push succeeds.
+        let q2 = Arc::clone(&q);
+        let popper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            q2.pop(Duration::ZERO)
+        });
+        assert!(matches!(q.push_wait(2, Duration::from_secs(10)).await, Push::Queued));
+        assert!(matches!(popper.join().expect("thread"), Pop::Item(1)));
+        // Nobody pops: the push gives up after the timeout and returns the item.
+        assert!(matches!(q.push_wait(3, Duration::from_millis(30)).await, Push::Full(3)));
+    }
+}

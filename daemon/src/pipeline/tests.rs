@@ -1,0 +1,237 @@
+//! Pipeline tests on the real `digits` fixture model with a recording publisher (a test double
+//! for the MQTT client; the broker paths are covered by the integration tests).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+use crate::config::Config;
+use crate::model::LoadOptions;
+use crate::telemetry::RejectReason;
+use crate::topic::TopicFilter;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(rel)
+}
+
+/// Records everything published, in order.
+#[derive(Default)]
+struct Recorder {
+    msgs: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(String, serde_json::Value)> {
+        let mut g = self.msgs.lock().expect("lock");
+        g.drain(..).map(|(t, p)| (t, serde_json::from_slice(&p).expect("json"))).collect()
+    }
+}
+
+impl Publisher for Recorder {
+    fn publish(&self, topic: &str, payload: Vec<u8>, _: Qos, _: bool) -> Result<(), PublishError> {
+        self.msgs.lock().expect("lock").push((topic.to_string(), payload));
+        Ok(())
+    }
+    fn try_publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        q: Qos,
+        r: bool,
+    ) -> Result<(), PublishError> {
+        self.publish(topic, payload, q, r)
+    }
+}
+
+fn pipeline(extra: &str) -> Arc<Pipeline> {
+    let text = format!(
+        r#"
+device_id = "edge-1"
+[pipelines.digits]
+model = "{}"
+input = "sensors/+/digits"
+output = "out/{{device}}/{{pipeline}}/{{1}}"
+{extra}
+"#,
+        fixture("digits/model.onnx").display()
+    );
+    let cfg = Config::parse_str(&text, "test", None).expect("config");
+    let pc = cfg.pipelines[0].clone();
+    let model =
+        Model::load(&pc.model, &LoadOptions { name: pc.name.clone(), ..Default::default() })
+            .expect("model");
+    let labels = output::read_labels(
+        &std::fs::read_to_string(fixture("digits/labels.txt")).expect("labels"),
+    );
+    Arc::new(Pipeline::new(pc, model, labels, &cfg.device_id, &cfg.errors).expect("pipeline"))
+}
+
+fn sample(i: usize) -> (Vec<f32>, Vec<f32>) {
+    let read = |f: &str| -> Vec<f32> {
+        std::fs::read(fixture(&format!("digits/samples/{i:03}/{f}")))
+            .expect("sample")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    (read("input.pixels.bin"), read("output.probabilities.bin"))
+}
+
+fn wait_idle(p: &Pipeline) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !p.queue.is_idle() {
+        assert!(std::time::Instant::now() < deadline, "pipeline did not go idle");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn json_frames_are_served_with_reference_outputs_and_labels() {
+    let p = pipeline(
+        "[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 2\nlabels = \"x\"\n",
+    );
+    let rec = Arc::new(Recorder::default());
+    let workers = p.start_workers(rec.clone()).expect("workers");
+    let filter = TopicFilter::parse("sensors/+/digits").expect("filter");
+    for i in 0..8 {
+        let (input, _) = sample(i);
+        let topic = format!("sensors/dev{i}/digits");
+        let caps = filter.matches(&topic).expect("match");
+        let payload = serde_json::json!({"seq": 100 + i, "ts": 5.5, "data": input}).to_string();
+        assert!(p.ingest(&topic, &caps, Bytes::from(payload), &*rec).is_none());
+        wait_idle(&p);
+    }
+    let msgs = rec.take();
+    assert_eq!(msgs.len(), 8);
+    for (i, (topic, v)) in msgs.iter().enumerate() {
+        assert_eq!(topic, &format!("out/edge-1/digits/dev{i}"));
+        assert_eq!(v["seq"], 100 + i);
+        assert_eq!(v["ts"], 5.5);
+        assert_eq!(v["model"]["name"], "digits");
+        assert_eq!(v["model"]["version"], "1", "from the ONNX model_version");
+        let got: Vec<f64> = v["outputs"][0]["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|x| x.as_f64().expect("f"))
+            .collect();
+        let (_, want) = sample(i);
+        let scale = want.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - *w as f64).abs() <= 1e-4 * scale, "sample {i}: {g} vs {w}");
+        }
+        // Sample i is a real image of digit i.
+        assert_eq!(v["top_k"][0]["label"], i.to_string(), "sample {i}: {}", v["top_k"]);
+        assert_eq!(v["top_k"].as_array().map(Vec::len), Some(2));
+    }
+    assert_eq!(p.stats.served.load(Ordering::Relaxed), 8);
+    assert_eq!(p.stats.queue_wait.snapshot().count(), 8);
+    p.queue.close();
+    for w in workers {
+        w.thread.join().expect("worker");
+    }
+}
+
+#[test]
+fn raw_frames_and_rejections_are_counted_and_reported() {
+    let p = pipeline("format = \"raw\"\n");
+    let rec = Arc::new(Recorder::default());
+    let workers = p.start_workers(rec.clone()).expect("workers");
+    let caps =
+        TopicFilter::parse("sensors/+/digits").expect("f").matches("sensors/a/digits").expect("m");
+    let (input, want) = sample(3);
+    let raw: Vec<u8> = input.iter().flat_map(|f| f.to_le_bytes()).collect();
+    p.ingest("sensors/a/digits", &caps, Bytes::from(raw.clone()), &*rec);
+    p.ingest("sensors/a/digits", &caps, Bytes::from(raw[..255].to_vec()), &*rec);
+    p.ingest("sensors/a/digits", &caps, Bytes::new(), &*rec);
+    let mut nan = raw.clone();
+    nan[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    p.ingest("sensors/a/digits", &caps, Bytes::from(nan), &*rec);
+    wait_idle(&p);
+    let msgs = rec.take();
+    let errors: Vec<&serde_json::Value> = msgs
+        .iter()
+        .filter(|(t, _)| t == "edgeinfer/edge-1/errors/digits")
+        .map(|(_, v)| v)
+        .collect();
+    let reasons: Vec<&str> = errors.iter().map(|v| v["reason"].as_str().expect("reason")).collect();
+    assert_eq!(reasons, ["wrong_size", "empty", "non_finite"]);
+    assert!(errors[0]["detail"].as_str().expect("detail").contains("expected 256 bytes"));
+    let results: Vec<&serde_json::Value> =
+        msgs.iter().filter(|(t, _)| t.starts_with("out/")).map(|(_, v)| v).collect();
+    assert_eq!(results.len(), 1);
+    let got = results[0]["outputs"][0]["data"][3].as_f64().expect("p3");
+    assert!((got - want[3] as f64).abs() < 1e-4);
+    assert_eq!(p.stats.received.load(Ordering::Relaxed), 4);
+    assert_eq!(p.stats.rejected(RejectReason::WrongSize), 1);
+    assert_eq!(p.stats.rejected(RejectReason::Empty), 1);
+    assert_eq!(p.stats.rejected(RejectReason::NonFinite), 1);
+    assert_eq!(p.stats.served.load(Ordering::Relaxed), 1);
+    p.queue.close();
+    for w in workers {
+        w.thread.join().expect("worker");
+    }
+}
+
+#[test]
+fn error_messages_are_rate_limited_and_the_excess_counted() {
+    let base = pipeline("");
+    let errors = crate::config::ErrorsConfig {
+        topic: crate::topic::TopicTemplate::parse("e/{pipeline}", 0).expect("t"),
+        rate_limit: 3,
+    };
+    let p = Pipeline::new(base.cfg.clone(), base.model.clone(), Vec::new(), "d", &errors)
+        .expect("pipeline");
+    let rec = Recorder::default();
+    let caps = crate::topic::Captures::new();
+    for _ in 0..10 {
+        p.ingest("t", &caps, Bytes::from_static(b"{"), &rec);
+    }
+    let published = rec.take().len() as u64;
+    let suppressed = p.stats.errors_suppressed.load(Ordering::Relaxed);
+    assert_eq!(p.stats.rejected(RejectReason::Malformed), 10);
+    // Normally 3 published and 7 suppressed; a one-second window boundary may fall between.
+    assert!((3..=6).contains(&published), "{published}");
+    assert_eq!(published + suppressed, 10);
+}
+
+#[test]
+fn full_queue_drops_are_counted_by_policy() {
+    // No workers: the queue fills up.
+    let p = pipeline("[pipelines.digits.queue]\ncapacity = 2\npolicy = \"drop_oldest\"\n");
+    let rec = Recorder::default();
+    let caps =
+        TopicFilter::parse("sensors/+/digits").expect("f").matches("sensors/a/digits").expect("m");
+    let (input, _) = sample(0);
+    for seq in 0..5 {
+        let payload = serde_json::json!({"seq": seq, "data": input}).to_string();
+        p.ingest("sensors/a/digits", &caps, Bytes::from(payload), &rec);
+    }
+    assert_eq!(p.stats.dropped(DropReason::QueueFull), 3);
+    assert_eq!(p.queue.depth(), 2);
+    // drop_oldest keeps the freshest frames.
+    let seqs: Vec<Option<u64>> = p.queue.drain_remaining().into_iter().map(|f| f.seq).collect();
+    assert_eq!(seqs, vec![Some(3), Some(4)]);
+
+    let p = pipeline("[pipelines.digits.queue]\ncapacity = 2\npolicy = \"drop_newest\"\n");
+    for seq in 0..5 {
+        let payload = serde_json::json!({"seq": seq, "data": input}).to_string();
+        p.ingest("sensors/a/digits", &caps, Bytes::from(payload), &rec);
+    }
+    let seqs: Vec<Option<u64>> = p.queue.drain_remaining().into_iter().map(|f| f.seq).collect();
+    assert_eq!(seqs, vec![Some(0), Some(1)]);
+    assert_eq!(p.stats.dropped(DropReason::QueueFull), 3);
+    assert!(rec.take().is_empty(), "drops are counted, not reported as errors");
+}
+
+#[test]
+fn session_input_buffers_are_reused_across_runs() {
+    let p = pipeline("");
+    let mut s = p.model.session().expect("session");
+    let before = s.input_mut(0).as_ptr();
+    for _ in 0..3 {
+        s.run().expect("run");
+        assert_eq!(s.input_mut(0).as_ptr(), before, "tract must hand the input buffer back");
+    }
+}

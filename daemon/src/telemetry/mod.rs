@@ -1,0 +1,237 @@
+//! Counters, latency histograms and the health and metrics messages built from them.
+//!
+//! Owns the accounting vocabulary (why a frame was rejected, dropped or failed) and per-pipeline
+//! statistics that the hot path updates with relaxed atomics (no locks, no allocation). It does
+//! not publish anything: `app` decides when a snapshot goes out and where.
+//!
+//! Accounting invariant, per pipeline, at any quiescent point:
+//! `received = served + rejected + dropped + failed + queued + in_flight`.
+
+pub mod histogram;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+pub use histogram::{Histogram, Snapshot};
+
+/// Why a frame was refused before queueing (the payload itself is at fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Zero-length payload (e.g. a cleared retained message).
+    Empty,
+    /// Larger than the pipeline's `max_payload`.
+    Oversized,
+    /// Raw payload whose length is not the input's byte size.
+    WrongSize,
+    /// JSON data whose nesting or element count does not match the input shape.
+    WrongShape,
+    /// A value that cannot be represented in the input's dtype (fraction for an int, out of range).
+    WrongDtype,
+    /// NaN or infinity while `nan = "reject"`.
+    NonFinite,
+    /// Not parseable (invalid JSON, missing fields, wrong types).
+    Malformed,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::Empty,
+        RejectReason::Oversized,
+        RejectReason::WrongSize,
+        RejectReason::WrongShape,
+        RejectReason::WrongDtype,
+        RejectReason::NonFinite,
+        RejectReason::Malformed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Empty => "empty",
+            RejectReason::Oversized => "oversized",
+            RejectReason::WrongSize => "wrong_size",
+            RejectReason::WrongShape => "wrong_shape",
+            RejectReason::WrongDtype => "wrong_dtype",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::Malformed => "malformed",
+        }
+    }
+}
+
+/// Why an accepted, valid frame was not served (the daemon's choice, not the payload's fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The queue was full (evicted under drop_oldest, refused under drop_newest/block).
+    QueueFull,
+    /// Still queued when the shutdown grace period ran out.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 2] = [DropReason::QueueFull, DropReason::Shutdown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a dequeued frame produced no result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailReason {
+    /// tract returned an error.
+    Inference,
+    /// The result could not be handed to the MQTT client in time.
+    Publish,
+}
+
+impl FailReason {
+    pub const ALL: [FailReason; 2] = [FailReason::Inference, FailReason::Publish];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Inference => "inference_error",
+            FailReason::Publish => "publish_error",
+        }
+    }
+}
+
+/// Live statistics of one pipeline, shared by the ingest task and the workers.
+#[derive(Default)]
+pub struct PipelineStats {
+    pub received: AtomicU64,
+    pub served: AtomicU64,
+    rejected: [AtomicU64; RejectReason::ALL.len()],
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    failed: [AtomicU64; FailReason::ALL.len()],
+    /// Error messages not published because of the rate limit.
+    pub errors_suppressed: AtomicU64,
+    /// Time from arrival to a worker picking the frame up.
+    pub queue_wait: Histogram,
+    /// tract run time.
+    pub inference: Histogram,
+    /// Arrival to result handed to the MQTT client.
+    pub total: Histogram,
+}
+
+fn idx<T: PartialEq>(all: &[T], r: &T) -> usize {
+    all.iter().position(|x| x == r).unwrap_or(0)
+}
+
+impl PipelineStats {
+    pub fn reject(&self, r: RejectReason) {
+        self.rejected[idx(&RejectReason::ALL, &r)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn drop_frame(&self, r: DropReason) {
+        self.dropped[idx(&DropReason::ALL, &r)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn fail(&self, r: FailReason) {
+        self.failed[idx(&FailReason::ALL, &r)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn rejected(&self, r: RejectReason) -> u64 {
+        self.rejected[idx(&RejectReason::ALL, &r)].load(Ordering::Relaxed)
+    }
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.dropped[idx(&DropReason::ALL, &r)].load(Ordering::Relaxed)
+    }
+    pub fn failed(&self, r: FailReason) -> u64 {
+        self.failed[idx(&FailReason::ALL, &r)].load(Ordering::Relaxed)
+    }
+    pub fn rejected_total(&self) -> u64 {
+        RejectReason::ALL.iter().map(|r| self.rejected(*r)).sum()
+    }
+    pub fn dropped_total(&self) -> u64 {
+        DropReason::ALL.iter().map(|r| self.dropped(*r)).sum()
+    }
+    pub fn failed_total(&self) -> u64 {
+        FailReason::ALL.iter().map(|r| self.failed(*r)).sum()
+    }
+
+    /// Counters as a JSON object (used by health and metrics).
+    pub fn counters_json(&self) -> Value {
+        let by = |pairs: Vec<(&'static str, u64)>| -> Value {
+            Value::Object(
+                pairs.into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>(),
+            )
+        };
+        json!({
+            "received": self.received.load(Ordering::Relaxed),
+            "served": self.served.load(Ordering::Relaxed),
+            "rejected": by(RejectReason::ALL.iter().map(|r| (r.as_str(), self.rejected(*r))).collect()),
+            "dropped": by(DropReason::ALL.iter().map(|r| (r.as_str(), self.dropped(*r))).collect()),
+            "failed": by(FailReason::ALL.iter().map(|r| (r.as_str(), self.failed(*r))).collect()),
+            "errors_suppressed": self.errors_suppressed.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Latency summary used in health messages and logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+}
+
+impl LatencySummary {
+    pub fn of(s: &Snapshot) -> Self {
+        let us = |d: Option<Duration>| d.map(|d| d.as_micros() as u64);
+        let n = s.count();
+        LatencySummary {
+            count: n,
+            p50_us: us(s.quantile(0.5)),
+            p99_us: us(s.quantile(0.99)),
+            max_us: (n > 0).then_some(s.max_ns / 1000),
+        }
+    }
+}
+
+/// Histogram snapshot as compact JSON: sparse `[bucket_index, count]` pairs plus sum and max, so a
+/// fleet collector can merge devices exactly (bounds are fixed; see [`histogram::bounds_ns`]).
+pub fn histogram_json(s: &Snapshot) -> Value {
+    let buckets: Vec<Value> =
+        s.counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(i, c)| json!([i, c])).collect();
+    json!({ "count": s.count(), "sum_ns": s.sum_ns, "max_ns": s.max_ns, "buckets": buckets })
+}
+
+/// Resident set size of this process in bytes, from `/proc/self/statm`.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten()? as u64;
+    Some(pages * page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_by_reason() {
+        let s = PipelineStats::default();
+        s.reject(RejectReason::WrongSize);
+        s.reject(RejectReason::WrongSize);
+        s.reject(RejectReason::Empty);
+        s.drop_frame(DropReason::QueueFull);
+        s.fail(FailReason::Publish);
+        assert_eq!(s.rejected(RejectReason::WrongSize), 2);
+        assert_eq!(s.rejected_total(), 3);
+        assert_eq!(s.dropped_total(), 1);
+        assert_eq!(s.failed_total(), 1);
+        let j = s.counters_json();
+        assert_eq!(j["rejected"]["wrong_size"], 2);
+        assert_eq!(j["rejected"]["non_finite"], 0);
+        assert_eq!(j["dropped"]["queue_full"], 1);
+        assert_eq!(j["failed"]["publish_error"], 1);
+    }
+
+    #[test]
+    fn rss_is_readable_here() {
+        assert!(rss_bytes().is_some_and(|b| b > 0));
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `edgeinfer` binary against a real mosquitto broker, real fixture
+//! models and their onnxruntime reference outputs. One binary, one module per area.
+
+mod cli;
+mod lifecycle;
+mod malformed;
+mod models;
+mod routing;

@@ -1,0 +1,143 @@
+//! Bad input loses nothing else: every malformed frame is rejected with its reason on the error
+//! topic and counted in health, while good frames interleaved with them are all served.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, config, wait_health, wait_online};
+use rumqttc::QoS;
+
+#[test]
+fn malformed_frames_are_reported_and_counted_while_good_frames_flow() {
+    let digits = Fixture::load("digits").expect("fixture");
+    let two = Fixture::load("two_inputs").expect("fixture");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let pipelines = format!(
+        "[pipelines.raw]\nmodel = {:?}\ninput = \"raw/+\"\noutput = \"r/raw/{{1}}\"\nformat = \"raw\"\nmax_payload = \"2KiB\"\n\
+         [pipelines.json]\nmodel = {:?}\ninput = \"json/+\"\noutput = \"r/json/{{1}}\"\nformat = \"json\"\nmax_payload = \"2KiB\"\n",
+        digits.model_path().display().to_string(),
+        two.model_path().display().to_string(),
+    );
+    let _daemon = Daemon::start(&config(broker.port, "bad", &pipelines)).expect("daemon");
+    let obs = MqttClient::connect(broker.port, "obs-bad").expect("observer");
+    obs.subscribe("r/#").expect("subscribe results");
+    obs.subscribe("edgeinfer/bad/errors/#").expect("subscribe errors");
+    wait_online(broker.port, "bad");
+    let dev = MqttClient::connect(broker.port, "dev-bad").expect("device");
+
+    let good_raw = digits.samples[0].inputs["pixels"].clone();
+    let mut nan = good_raw.clone();
+    nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let x = "[1,2,3,4,5,6,7,8]";
+    // (topic, payload, expected reason)
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("raw/a", Vec::new(), "empty"),
+        ("raw/a", good_raw[..255].to_vec(), "wrong_size"),
+        ("raw/a", [good_raw.clone(), vec![0; 4]].concat(), "wrong_size"),
+        ("raw/a", vec![0u8; 4096], "oversized"),
+        ("raw/a", nan, "non_finite"),
+        ("json/a", b"{not json".to_vec(), "malformed"),
+        ("json/a", br#"{"seq":3,"data":[1,2]}"#.to_vec(), "malformed"),
+        ("json/a", format!(r#"{{"seq":4,"inputs":{{"x":{x}}}}}"#).into_bytes(), "malformed"),
+        (
+            "json/a",
+            format!(r#"{{"seq":5,"inputs":{{"x":{x},"k":[1],"z":[0]}}}}"#).into_bytes(),
+            "malformed",
+        ),
+        ("json/a", br#"{"seq":6,"inputs":{"x":[1,2,3],"k":[1]}}"#.to_vec(), "wrong_shape"),
+        (
+            "json/a",
+            br#"{"seq":7,"inputs":{"x":[[1,2,3,4],[5,6,7,8]],"k":[1]}}"#.to_vec(),
+            "wrong_shape",
+        ),
+        (
+            "json/a",
+            format!(r#"{{"seq":8,"inputs":{{"x":{x},"k":[1.5]}}}}"#).into_bytes(),
+            "wrong_dtype",
+        ),
+        (
+            "json/a",
+            format!(r#"{{"seq":9,"inputs":{{"x":{x},"k":["one"]}}}}"#).into_bytes(),
+            "wrong_dtype",
+        ),
+        (
+            "json/a",
+            br#"{"seq":10,"inputs":{"x":[1e39,2,3,4,5,6,7,8],"k":[1]}}"#.to_vec(),
+            "non_finite",
+        ),
+        ("json/a", vec![b' '; 3000], "oversized"),
+    ];
+    let mut good_sent = 0;
+    for (i, (topic, payload, _)) in bad.iter().enumerate() {
+        dev.publish(topic, payload.clone(), QoS::AtLeastOnce, false).expect("publish bad");
+        // A good frame after every bad one, on both pipelines.
+        dev.publish(&format!("raw/g{i}"), good_raw.clone(), QoS::AtLeastOnce, false)
+            .expect("publish good");
+        dev.publish(
+            &format!("json/g{i}"),
+            two.json_frame(0, 1000 + i as u64),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .expect("publish good");
+        good_sent += 2;
+    }
+    let total = bad.len() + good_sent;
+    let msgs = obs
+        .collect_until(Duration::from_secs(60), |m| m.len() >= total)
+        .expect("all results and errors");
+    let mut reasons: Vec<String> = Vec::new();
+    let mut results = 0;
+    for m in &msgs {
+        let v = m.json();
+        if m.topic.starts_with("edgeinfer/bad/errors/") {
+            let pipeline = m.topic.rsplit('/').next().expect("pipeline");
+            assert_eq!(v["pipeline"], pipeline);
+            assert_eq!(v["topic"].as_str().map(|t| t.ends_with("/a")), Some(true));
+            assert!(!v["detail"].as_str().unwrap_or("").is_empty(), "detail in {v}");
+            reasons.push(v["reason"].as_str().expect("reason").to_string());
+        } else {
+            results += 1;
+            if m.topic.starts_with("r/raw/") {
+                digits.check_result(0, &v).expect("raw result");
+            } else {
+                two.check_result(0, &v).expect("json result");
+            }
+        }
+    }
+    let mut want: Vec<String> = bad.iter().map(|(_, _, r)| r.to_string()).collect();
+    want.sort();
+    reasons.sort();
+    assert_eq!(reasons, want, "one error message per bad frame, with its reason");
+    assert_eq!(results, good_sent, "every good frame served");
+
+    // Health counts the same, by pipeline and reason, and the books balance.
+    let health = wait_health(broker.port, "bad", Duration::from_secs(10), |v| {
+        v["pipelines"]["raw"]["counters"]["served"] == 15
+            && v["pipelines"]["json"]["counters"]["served"] == 15
+    })
+    .expect("health with final counts");
+    let mut counted: BTreeMap<String, u64> = BTreeMap::new();
+    for p in ["raw", "json"] {
+        let c = &health["pipelines"][p]["counters"];
+        let mut sum = c["served"].as_u64().expect("served");
+        for (reason, n) in c["rejected"].as_object().expect("rejected") {
+            *counted.entry(reason.clone()).or_default() += n.as_u64().expect("n");
+            sum += n.as_u64().expect("n");
+        }
+        for k in ["dropped", "failed"] {
+            for n in c[k].as_object().expect(k).values() {
+                sum += n.as_u64().expect("n");
+            }
+        }
+        assert_eq!(
+            c["received"].as_u64(),
+            Some(sum),
+            "{p}: received = served + rejected + dropped + failed"
+        );
+    }
+    for (_, _, r) in &bad {
+        assert!(counted.get(*r).copied().unwrap_or(0) > 0, "{r} counted");
+    }
+    assert_eq!(counted.values().sum::<u64>(), bad.len() as u64);
+}

@@ -1,0 +1,122 @@
+//! Topic routing: many devices on wildcard filters, output topics built from captures, one
+//! stream feeding two pipelines, and reconnection with re-subscription.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, config, free_port, wait_online};
+use rumqttc::QoS;
+
+#[test]
+fn many_devices_on_wildcards_get_results_on_their_own_topics() {
+    let fx = Fixture::load("digits").expect("fixture");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let pipelines = format!(
+        "[pipelines.imu]\nmodel = {:?}\ninput = \"site/+/dev/+/frames/#\"\noutput = \"edgeinfer/{{device}}/{{pipeline}}/{{1}}/{{2}}/{{3}}\"\nworkers = 2\n[pipelines.imu.queue]\ncapacity = 256\n",
+        fx.model_path().display().to_string()
+    );
+    let _daemon = Daemon::start(&config(broker.port, "router", &pipelines)).expect("daemon");
+    let obs = MqttClient::connect(broker.port, "obs-routing").expect("observer");
+    obs.subscribe("edgeinfer/router/imu/#").expect("subscribe");
+    wait_online(broker.port, "router");
+
+    let devices = 12;
+    let per_device = 5;
+    let dev = MqttClient::connect(broker.port, "dev-routing").expect("device");
+    let mut expected: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for d in 0..devices {
+        let site = if d % 2 == 0 { "north" } else { "south" };
+        for seq in 0..per_device {
+            let topic = format!("site/{site}/dev/unit{d}/frames/left/arm");
+            dev.publish(&topic, fx.json_frame(d % fx.samples.len(), seq), QoS::AtLeastOnce, false)
+                .expect("publish");
+            expected
+                .entry(format!("edgeinfer/router/imu/{site}/unit{d}/left/arm"))
+                .or_default()
+                .insert(seq);
+        }
+    }
+    // A topic that does not match the filter gets nothing (and is not counted).
+    dev.publish("site/north/dev/x", fx.json_frame(0, 99), QoS::AtLeastOnce, false)
+        .expect("publish");
+    let total = devices * per_device as usize;
+    let msgs = obs.collect_until(Duration::from_secs(60), |m| m.len() >= total).expect("results");
+    let mut got: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for m in &msgs {
+        let v = m.json();
+        let seq = v["seq"].as_u64().expect("seq");
+        assert!(
+            got.entry(m.topic.clone()).or_default().insert(seq),
+            "duplicate result {} seq {seq}",
+            m.topic
+        );
+        assert_eq!(v["topic"].as_str().map(|t| t.ends_with("/frames/left/arm")), Some(true));
+    }
+    assert_eq!(got, expected);
+    assert!(obs.recv(Duration::from_millis(300)).is_none(), "no extra results");
+}
+
+#[test]
+fn one_stream_feeds_two_pipelines() {
+    let fx = Fixture::load("digits").expect("fixture");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let model = fx.model_path().display().to_string();
+    let pipelines = format!(
+        "[pipelines.a]\nmodel = {model:?}\ninput = \"s/+\"\noutput = \"r/{{pipeline}}/{{1}}\"\n\
+         [pipelines.b]\nmodel = {model:?}\ninput = \"s/#\"\noutput = \"r/{{pipeline}}/{{1}}\"\nqos = 0\n"
+    );
+    let _daemon = Daemon::start(&config(broker.port, "fan", &pipelines)).expect("daemon");
+    let obs = MqttClient::connect(broker.port, "obs-fan").expect("observer");
+    obs.subscribe("r/#").expect("subscribe");
+    wait_online(broker.port, "fan");
+    let dev = MqttClient::connect(broker.port, "dev-fan").expect("device");
+    dev.publish("s/x", fx.json_frame(1, 7), QoS::AtLeastOnce, false).expect("publish");
+    let msgs = obs.collect_until(Duration::from_secs(30), |m| m.len() >= 2).expect("results");
+    let topics: BTreeSet<String> = msgs.iter().map(|m| m.topic.clone()).collect();
+    assert_eq!(topics, BTreeSet::from(["r/a/x".to_string(), "r/b/x".to_string()]));
+    for m in &msgs {
+        fx.check_result(1, &m.json()).expect("reference");
+    }
+}
+
+/// Fault injection: the broker is down when the daemon starts, then appears; later it is killed
+/// and restarted (losing the session), and the daemon must re-subscribe by itself.
+#[test]
+fn connects_late_and_resubscribes_after_broker_restart() {
+    let fx = Fixture::load("digits").expect("fixture");
+    let port = free_port();
+    let pipelines = format!(
+        "[pipelines.p]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\n",
+        fx.model_path().display().to_string()
+    );
+    let mut daemon = Daemon::start(&config(port, "late", &pipelines)).expect("daemon");
+    daemon
+        .wait_log("cannot connect to broker", Duration::from_secs(30))
+        .expect("reports the broker as down");
+    assert!(daemon.is_running(), "a missing broker is not fatal");
+
+    let mut broker = Mosquitto::start_on(port).expect("mosquitto");
+    let roundtrip = |tag: &str, seq: u64| {
+        let obs = MqttClient::connect(port, &format!("obs-{tag}")).expect("observer");
+        obs.subscribe("r/#").expect("subscribe");
+        wait_online(port, "late");
+        let dev = MqttClient::connect(port, &format!("dev-{tag}")).expect("device");
+        // The daemon may still be subscribing right after its health appears: retry a few times.
+        let mut got = None;
+        for attempt in 0..20u64 {
+            dev.publish("s/a", fx.json_frame(2, seq + attempt), QoS::AtLeastOnce, false)
+                .expect("publish");
+            if let Some(m) = obs.recv(Duration::from_millis(500)) {
+                got = Some(m);
+                break;
+            }
+        }
+        let m = got.expect("a result after (re)connect");
+        assert_eq!(m.topic, "r/a");
+        fx.check_result(2, &m.json()).expect("reference");
+    };
+    roundtrip("first", 0);
+    broker.restart().expect("restart broker");
+    roundtrip("second", 100);
+    daemon.wait_log("lost connection to broker", Duration::from_secs(5)).expect("logged the loss");
+}

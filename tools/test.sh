@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The test command (README "Quick start", and what .ci/run calls): installs what the tests need
+# on Debian (mosquitto), then runs formatting, lints, unit and integration tests.
+#
+#   tools/test.sh            everything
+#   tools/test.sh --quick    skip fmt/clippy
+#
+# Builds go to $CARGO_TARGET_DIR (default: ~/.cache/edgeinfer/target, outside the clone, so
+# repeated runs and CI on the same machine reuse them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgeinfer/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+need_pkg() {
+  local bin="$1" pkg="$2"
+  if ! command -v "$bin" >/dev/null 2>&1 && [[ ! -x "/usr/sbin/$bin" ]]; then
+    echo "== installing $pkg (needed by the tests)"
+    local sudo=""
+    [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$pkg" >/dev/null
+  fi
+}
+need_pkg mosquitto mosquitto
+
+# mosquitto is started per test on a free port; the packaged system service is not needed (and
+# would hold port 1883), so stop it if the install started it.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+  systemctl stop mosquitto 2>/dev/null || true
+fi
+
+start=$(date +%s)
+if [[ $quick -eq 0 ]]; then
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "== cargo clippy (all targets, -D warnings)"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+  echo "== cargo clippy (device build: no demo broker)"
+  cargo clippy -p edgeinfer --no-default-features --all-targets --locked -- -D warnings
+fi
+echo "== build the daemon binary used by the integration tests"
+cargo build -p edgeinfer --bins --locked
+echo "== tests (unit + integration against a real mosquitto)"
+cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
+echo "== all tests passed in $(( $(date +%s) - start ))s"
