@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ClientError, EventLoop, LastWill, MqttOptions, QoS, TlsConfiguration, Transport,
@@ -152,27 +152,32 @@ pub fn client(opts: MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
 }
 
 /// [`Publisher`] over rumqttc's request channel, usable from plain threads.
+///
+/// Waiting for room is a short sleep-and-retry loop rather than `block_on` on the runtime: it
+/// keeps worker threads independent of the tokio runtime's lifetime (a worker finishing its last
+/// frame after the runtime shut down gets an error, not a panic). The channel is sized so that
+/// it is rarely full.
 pub struct MqttPublisher {
     client: AsyncClient,
-    rt: tokio::runtime::Handle,
     timeout: Duration,
 }
 
 impl MqttPublisher {
-    pub fn new(client: AsyncClient, rt: tokio::runtime::Handle, timeout: Duration) -> Self {
-        Self { client, rt, timeout }
+    pub fn new(client: AsyncClient, timeout: Duration) -> Self {
+        Self { client, timeout }
     }
 }
 
 fn map_err(e: ClientError) -> PublishError {
     match e {
+        ClientError::TryRequest(rumqttc::Request::Publish(p))
+        | ClientError::Request(rumqttc::Request::Publish(p))
+            if !rumqttc::valid_topic(&p.topic) =>
+        {
+            PublishError::Topic(p.topic)
+        }
         ClientError::TryRequest(_) => PublishError::Full,
-        ClientError::Request(r) => match r {
-            rumqttc::Request::Publish(p) if !rumqttc::valid_topic(&p.topic) => {
-                PublishError::Topic(p.topic)
-            }
-            _ => PublishError::Closed,
-        },
+        ClientError::Request(_) => PublishError::Closed,
     }
 }
 
@@ -184,21 +189,24 @@ impl Publisher for MqttPublisher {
         q: Qos,
         retain: bool,
     ) -> Result<(), PublishError> {
-        // Fast path without entering the runtime; fall back to a bounded wait when full.
-        let payload = match self.client.try_publish(topic, qos(q), retain, payload) {
-            Ok(()) => return Ok(()),
-            Err(ClientError::TryRequest(rumqttc::Request::Publish(p)))
-                if rumqttc::valid_topic(topic) =>
-            {
-                p.payload
+        let deadline = Instant::now() + self.timeout;
+        let mut payload = payload;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.client.try_publish(topic, qos(q), retain, payload) {
+                Ok(()) => return Ok(()),
+                Err(ClientError::TryRequest(rumqttc::Request::Publish(p)))
+                    if rumqttc::valid_topic(topic) =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(PublishError::Timeout(self.timeout));
+                    }
+                    payload = p.payload.into();
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(e) => return Err(map_err(e)),
             }
-            Err(e) => return Err(map_err(e)),
-        };
-        let fut = self.client.publish(topic, qos(q), retain, payload.to_vec());
-        match self.rt.block_on(async { tokio::time::timeout(self.timeout, fut).await }) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(map_err(e)),
-            Err(_) => Err(PublishError::Timeout(self.timeout)),
         }
     }
 

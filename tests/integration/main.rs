@@ -5,4 +5,5 @@ mod cli;
 mod lifecycle;
 mod malformed;
 mod models;
+mod queueing;
 mod routing;

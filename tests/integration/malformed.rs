@@ -141,3 +141,43 @@ fn malformed_frames_are_reported_and_counted_while_good_frames_flow() {
     }
     assert_eq!(counted.values().sum::<u64>(), bad.len() as u64);
 }
+
+/// Fault injection: a QoS 0 frame larger than `broker.max_packet_size` cannot be read by the MQTT
+/// client at all; the connection is reset, counted and logged with a hint, and the daemon
+/// reconnects and keeps serving.
+#[test]
+fn packets_above_the_client_limit_reset_the_connection_and_serving_resumes() {
+    let fx = Fixture::load("digits").expect("fixture");
+    let broker = Mosquitto::start().expect("mosquitto");
+    let pipelines = format!(
+        "[pipelines.p]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nmax_payload = \"16KiB\"\n",
+        fx.model_path().display().to_string()
+    );
+    let cfg = config(broker.port, "huge", &pipelines)
+        .replace("[broker]", "[broker]\nmax_packet_size = \"64KiB\"");
+    let daemon = Daemon::start(&cfg).expect("daemon");
+    wait_online(broker.port, "huge");
+    let obs = MqttClient::connect(broker.port, "obs-huge").expect("observer");
+    obs.subscribe("r/#").expect("subscribe");
+    let dev = MqttClient::connect(broker.port, "dev-huge").expect("device");
+    dev.publish("s/big", vec![b'x'; 200 * 1024], QoS::AtMostOnce, false).expect("publish");
+    daemon
+        .wait_log("above broker.max_packet_size", Duration::from_secs(20))
+        .expect("logged with a hint");
+    let h = wait_health(broker.port, "huge", Duration::from_secs(30), |v| {
+        v["status"] == "online"
+            && v["transport"]["oversized_packets"] == 1
+            && v["transport"]["reconnects"] == 1
+    })
+    .expect("counted and reconnected");
+    assert_eq!(h["pipelines"]["p"]["counters"]["received"], 0, "no pipeline saw it");
+    let mut got = None;
+    for seq in 0..20 {
+        dev.publish("s/ok", fx.json_frame(4, seq), QoS::AtLeastOnce, false).expect("publish");
+        if let Some(m) = obs.recv(Duration::from_millis(500)) {
+            got = Some(m);
+            break;
+        }
+    }
+    fx.check_result(4, &got.expect("serving resumed").json()).expect("reference");
+}

@@ -10,6 +10,7 @@ mod status;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, PostProcess, Problem};
@@ -78,10 +79,24 @@ impl StopHandle {
     }
 }
 
+/// Connection-level counters (not tied to a pipeline), reported in health.
+#[derive(Default)]
+pub struct TransportStats {
+    /// Successful connections after the first one.
+    pub reconnects: AtomicU64,
+    /// Connection attempts or connections that failed.
+    pub connection_errors: AtomicU64,
+    /// Packets larger than `broker.max_packet_size` (unreadable; the connection was reset).
+    pub oversized_packets: AtomicU64,
+    /// Messages that matched no pipeline's filter.
+    pub unrouted: AtomicU64,
+}
+
 /// Everything that runs: the validated config and the pipelines with their loaded models.
 pub struct App {
     pub config: Config,
     pub pipelines: Vec<Arc<Pipeline>>,
+    pub transport: TransportStats,
     started: Instant,
     started_us: u64,
 }
@@ -152,6 +167,7 @@ pub fn start(config: Config) -> Result<App, AppError> {
     Ok(App {
         config,
         pipelines,
+        transport: TransportStats::default(),
         started,
         started_us: crate::pipeline::output::unix_us(SystemTime::now()),
     })
@@ -182,11 +198,8 @@ impl App {
         eventloop
             .network_options
             .set_connection_timeout(self.config.broker.connect_timeout.as_secs().max(1));
-        let publisher: Arc<dyn Publisher> = Arc::new(MqttPublisher::new(
-            client.clone(),
-            rt.handle().clone(),
-            Duration::from_secs(5),
-        ));
+        let publisher: Arc<dyn Publisher> =
+            Arc::new(MqttPublisher::new(client.clone(), Duration::from_secs(5)));
 
         // 9. Inference workers (each pins itself and builds its own session).
         let mut workers: Vec<WorkerHandle> = Vec::new();

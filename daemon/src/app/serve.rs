@@ -5,10 +5,12 @@
 //! A second signal returns at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter,
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, StateError,
+    SubscribeFilter,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_until};
@@ -44,7 +46,28 @@ struct Link {
 }
 
 impl Link {
-    fn on_error(&mut self, e: &ConnectionError, min: Duration, max: Duration, target: &str) {
+    fn on_error(
+        &mut self,
+        app: &App,
+        e: &ConnectionError,
+        min: Duration,
+        max: Duration,
+        target: &str,
+    ) {
+        app.transport.connection_errors.fetch_add(1, Ordering::Relaxed);
+        if let ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(n),
+        )) = e
+        {
+            // The client cannot even read such a packet, so no pipeline sees it. A QoS 1 one is
+            // redelivered on every reconnect of a persistent session until the broker drops it.
+            app.transport.oversized_packets.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "broker sent a {n}-byte packet, above broker.max_packet_size ({}); the connection is reset. \
+                 hint: limit the broker's max_packet_size to this value so it refuses such frames at the source",
+                app.config.broker.max_packet_size
+            );
+        }
         if self.connected {
             log::warn!("lost connection to broker {target}: {e}; reconnecting");
             self.backoff = min;
@@ -129,6 +152,9 @@ pub(super) async fn serve(
                     } else {
                         log::info!("connected to broker {target} (session_present={})", ack.session_present);
                     }
+                    if link.ever_connected {
+                        app.transport.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
                     link.connected = true;
                     link.ever_connected = true;
                     link.failures = 0;
@@ -156,7 +182,7 @@ pub(super) async fn serve(
                     if matches!(phase, Phase::Farewell { .. }) {
                         break;
                     }
-                    link.on_error(&e, min, max, &target);
+                    link.on_error(app, &e, min, max, &target);
                 }
             },
 
@@ -269,6 +295,8 @@ async fn route(app: &App, msg: &Publish, publisher: &dyn Publisher) {
         }
     }
     if !matched {
+        // Overlapping subscriptions of a resumed session, or a broker bridging extra topics.
+        app.transport.unrouted.fetch_add(1, Ordering::Relaxed);
         log::debug!("message on {} matched no pipeline", msg.topic);
     }
 }

@@ -45,9 +45,20 @@ pub fn online(app: &App) -> Vec<u8> {
         "at_us": unix_us(SystemTime::now()),
         "uptime_s": app.started.elapsed().as_secs(),
         "rss_bytes": rss_bytes(),
+        "transport": transport(app),
         "pipelines": Value::Object(pipelines),
     });
     serde_json::to_vec(&v).unwrap_or_default()
+}
+
+fn transport(app: &App) -> Value {
+    let t = &app.transport;
+    json!({
+        "reconnects": t.reconnects.load(Ordering::Relaxed),
+        "connection_errors": t.connection_errors.load(Ordering::Relaxed),
+        "oversized_packets": t.oversized_packets.load(Ordering::Relaxed),
+        "unrouted": t.unrouted.load(Ordering::Relaxed),
+    })
 }
 
 /// The offline message: the Last Will (`connection_lost`) or the goodbye on shutdown.
@@ -90,6 +101,7 @@ pub fn metrics(app: &App) -> Vec<u8> {
         "uptime_s": app.started.elapsed().as_secs(),
         "rss_bytes": rss_bytes(),
         "histogram": {"schema": "log2/4", "first_bound_ns": 1000, "buckets_per_doubling": 4},
+        "transport": transport(app),
         "pipelines": Value::Object(pipelines),
     });
     serde_json::to_vec(&v).unwrap_or_default()
