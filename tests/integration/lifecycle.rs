@@ -93,9 +93,10 @@ fn health_is_retained_and_last_will_marks_a_killed_daemon_offline() {
     assert_eq!(h["reason"], "connection_lost");
 }
 
-/// SIGINT behaves like SIGTERM; with an idle queue the daemon exits promptly and cleanly.
+/// SIGHUP does not kill the daemon (its default action would); SIGINT behaves like SIGTERM: with
+/// an idle queue the daemon exits promptly and cleanly.
 #[test]
-fn sigint_stops_an_idle_daemon_cleanly() {
+fn sighup_is_survived_and_sigint_stops_an_idle_daemon_cleanly() {
     let fx = Fixture::load("digits").expect("fixture");
     let broker = Mosquitto::start().expect("mosquitto");
     let pipelines = format!(
@@ -104,6 +105,9 @@ fn sigint_stops_an_idle_daemon_cleanly() {
     );
     let mut daemon = Daemon::start(&config(broker.port, "int", &pipelines)).expect("daemon");
     wait_online(broker.port, "int");
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("SIGHUP received", Duration::from_secs(10)).expect("SIGHUP logged");
+    assert!(daemon.is_running(), "SIGHUP must not stop the daemon");
     daemon.signal(Signal::SIGINT);
     let status = daemon.wait_exit(Duration::from_secs(10)).expect("exit");
     assert!(status.success(), "{status:?}");

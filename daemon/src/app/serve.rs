@@ -106,6 +106,8 @@ pub(super) async fn serve(
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    // SIGHUP's default action would kill the daemon (`systemctl reload`); catch it.
+    let mut sighup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
     let mut stop_rx = stop.subscribe();
 
     let mut health = interval_at(Instant::now() + cfg.health.interval, cfg.health.interval);
@@ -128,6 +130,9 @@ pub(super) async fn serve(
             _ = sigterm.recv() => stop_requested = true,
             _ = sigint.recv() => stop_requested = true,
             changed = stop_rx.changed() => stop_requested = changed.is_ok(),
+            _ = sighup.recv() => {
+                log::warn!("SIGHUP received: configuration reload is not implemented yet; restart the service to apply changes");
+            }
 
             _ = sleep_until(link.retry_at.unwrap_or_else(Instant::now)), if link.retry_at.is_some() => {
                 link.retry_at = None;
@@ -147,6 +152,7 @@ pub(super) async fn serve(
                     }
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    let first = !link.ever_connected;
                     if link.failures > 0 || link.ever_connected {
                         log::info!("connected to broker {target} (session_present={}, after {} failed attempt(s))", ack.session_present, link.failures);
                     } else {
@@ -159,9 +165,10 @@ pub(super) async fn serve(
                     link.ever_connected = true;
                     link.failures = 0;
                     link.backoff = min;
-                    // A resumed session still has our subscriptions; subscribing again would make
-                    // the broker resend retained frames.
-                    if !ack.session_present && matches!(phase, Phase::Running)
+                    // A resumed session still has our subscriptions, and subscribing again makes the
+                    // broker resend retained frames; but on the first connection of this process
+                    // the stored session may predate a config change, so subscribe then anyway.
+                    if (first || !ack.session_present) && matches!(phase, Phase::Running)
                         && let Err(e) = client.try_subscribe_many(subscriptions.clone()) {
                         log::error!("cannot subscribe: {e}");
                     }

@@ -1,0 +1,23 @@
+//! Records the git commit for the start-up log line (`EDGEINFER_GIT_HASH`), when built from a
+//! git checkout; builds from a source tarball (e.g. Yocto) report "unknown commit".
+
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=EDGEINFER_GIT_HASH");
+    if std::env::var_os("EDGEINFER_GIT_HASH").is_some() {
+        return;
+    }
+    let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output();
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        println!("cargo:rustc-env=EDGEINFER_GIT_HASH={hash}");
+        if let Ok(dir) = Command::new("git").args(["rev-parse", "--git-dir"]).output() {
+            let dir = String::from_utf8_lossy(&dir.stdout).trim().to_string();
+            println!("cargo:rerun-if-changed={dir}/HEAD");
+            println!("cargo:rerun-if-changed={dir}/refs/heads");
+        }
+    }
+}
