@@ -88,21 +88,29 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, MqttError
     })
 }
 
+/// Every PEM certificate in a file; none at all is an error naming the file.
+fn read_certs(
+    what: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, MqttError> {
+    let pem = read(what, path)?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
+    if certs.is_empty() {
+        return Err(MqttError::Pem {
+            what,
+            path: path.display().to_string(),
+            expected: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
 fn tls_config(t: &crate::config::TlsConfig) -> Result<rustls::ClientConfig, MqttError> {
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca_file {
         Some(ca) => {
-            let pem = read("CA file", ca)?;
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
-            if certs.is_empty() {
-                return Err(MqttError::Pem {
-                    what: "CA file",
-                    path: ca.display().to_string(),
-                    expected: "certificate",
-                });
-            }
-            for c in certs {
+            for c in read_certs("CA file", ca)? {
                 roots.add(c)?;
             }
         }
@@ -123,16 +131,7 @@ fn tls_config(t: &crate::config::TlsConfig) -> Result<rustls::ClientConfig, Mqtt
         .with_root_certificates(roots);
     let cfg = match (&t.cert_file, &t.key_file) {
         (Some(cert), Some(key)) => {
-            let cert_pem = read("client certificate", cert)?;
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&cert_pem).filter_map(Result::ok).collect();
-            if chain.is_empty() {
-                return Err(MqttError::Pem {
-                    what: "client certificate",
-                    path: cert.display().to_string(),
-                    expected: "certificate",
-                });
-            }
+            let chain = read_certs("client certificate", cert)?;
             let key_pem = read("client key", key)?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| MqttError::Pem {
                 what: "client key",

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, config, wait_health, wait_online};
+use edgeinfer_tests::{Fixture, MqttClient, start_daemon, wait_health, wait_online};
 use nix::sys::signal::Signal;
 use rumqttc::QoS;
 
@@ -12,13 +12,13 @@ use rumqttc::QoS;
 #[test]
 fn sigterm_drains_queued_frames_without_loss() {
     let fx = Fixture::load("slow").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.slow]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nformat = \"raw\"\n[pipelines.slow.queue]\ncapacity = 200\n",
-        fx.model_path().display().to_string()
+    let pipeline = fx.pipeline(
+        "slow",
+        "s/+",
+        "r/{1}",
+        "format = \"raw\"\n[pipelines.slow.queue]\ncapacity = 200",
     );
-    let mut daemon = Daemon::start(&config(broker.port, "drain", &pipelines)).expect("daemon");
-    wait_online(broker.port, "drain");
+    let (broker, mut daemon) = start_daemon("drain", &pipeline);
     let obs = MqttClient::connect(broker.port, "obs-drain").expect("observer");
     obs.subscribe("r/#").expect("subscribe");
     let dev = MqttClient::connect(broker.port, "dev-drain").expect("device");
@@ -65,12 +65,7 @@ fn sigterm_drains_queued_frames_without_loss() {
 #[test]
 fn health_is_retained_and_last_will_marks_a_killed_daemon_offline() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.digits]\nmodel = {:?}\ninput = \"s/+\"\n",
-        fx.model_path().display().to_string()
-    );
-    let mut daemon = Daemon::start(&config(broker.port, "lwt", &pipelines)).expect("daemon");
+    let (broker, mut daemon) = start_daemon("lwt", &fx.pipeline("digits", "s/+", "r/{1}", ""));
     let h = wait_online(broker.port, "lwt");
     let p = &h["pipelines"]["digits"];
     assert_eq!(p["model"]["version"], "1");
@@ -98,13 +93,7 @@ fn health_is_retained_and_last_will_marks_a_killed_daemon_offline() {
 #[test]
 fn sighup_is_survived_and_sigint_stops_an_idle_daemon_cleanly() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.digits]\nmodel = {:?}\ninput = \"s/+\"\n",
-        fx.model_path().display().to_string()
-    );
-    let mut daemon = Daemon::start(&config(broker.port, "int", &pipelines)).expect("daemon");
-    wait_online(broker.port, "int");
+    let (broker, mut daemon) = start_daemon("int", &fx.pipeline("digits", "s/+", "r/{1}", ""));
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("SIGHUP received", Duration::from_secs(10)).expect("SIGHUP logged");
     assert!(daemon.is_running(), "SIGHUP must not stop the daemon");

@@ -4,25 +4,24 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, config, wait_health, wait_online};
+use edgeinfer_tests::{
+    Daemon, Fixture, Mosquitto, MqttClient, config, start_daemon, wait_health, wait_online,
+};
 use rumqttc::QoS;
 
 #[test]
 fn malformed_frames_are_reported_and_counted_while_good_frames_flow() {
     let digits = Fixture::load("digits").expect("fixture");
     let two = Fixture::load("two_inputs").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.raw]\nmodel = {:?}\ninput = \"raw/+\"\noutput = \"r/raw/{{1}}\"\nformat = \"raw\"\nmax_payload = \"2KiB\"\n\
-         [pipelines.json]\nmodel = {:?}\ninput = \"json/+\"\noutput = \"r/json/{{1}}\"\nformat = \"json\"\nmax_payload = \"2KiB\"\n",
-        digits.model_path().display().to_string(),
-        two.model_path().display().to_string(),
-    );
-    let _daemon = Daemon::start(&config(broker.port, "bad", &pipelines)).expect("daemon");
+    let pipelines = [
+        digits.pipeline("raw", "raw/+", "r/raw/{1}", "format = \"raw\"\nmax_payload = \"2KiB\""),
+        two.pipeline("json", "json/+", "r/json/{1}", "format = \"json\"\nmax_payload = \"2KiB\""),
+    ]
+    .concat();
+    let (broker, _daemon) = start_daemon("bad", &pipelines);
     let obs = MqttClient::connect(broker.port, "obs-bad").expect("observer");
     obs.subscribe("r/#").expect("subscribe results");
     obs.subscribe("edgeinfer/bad/errors/#").expect("subscribe errors");
-    wait_online(broker.port, "bad");
     let dev = MqttClient::connect(broker.port, "dev-bad").expect("device");
 
     let good_raw = digits.samples[0].inputs["pixels"].clone();
@@ -149,10 +148,7 @@ fn malformed_frames_are_reported_and_counted_while_good_frames_flow() {
 fn packets_above_the_client_limit_reset_the_connection_and_serving_resumes() {
     let fx = Fixture::load("digits").expect("fixture");
     let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.p]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nmax_payload = \"16KiB\"\n",
-        fx.model_path().display().to_string()
-    );
+    let pipelines = fx.pipeline("p", "s/+", "r/{1}", "max_payload = \"16KiB\"");
     let cfg = config(broker.port, "huge", &pipelines)
         .replace("[broker]", "[broker]\nmax_packet_size = \"64KiB\"");
     let daemon = Daemon::start(&cfg).expect("daemon");

@@ -2,21 +2,19 @@
 
 use std::time::Duration;
 
-use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, config, wait_online};
+use edgeinfer_tests::{Fixture, MqttClient, start_daemon};
 use rumqttc::QoS;
 
 /// Serves every sample of `case` through the daemon in `format` and checks each result.
 fn serve_fixture(case: &str, format: &str, extra: &str) {
     let fx = Fixture::load(case).expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.{case}]\nmodel = {:?}\ninput = \"dev/+/{case}\"\noutput = \"out/{{pipeline}}/{{1}}\"\nformat = \"{format}\"\n{extra}",
-        fx.model_path().display().to_string()
+    let extra = format!("format = \"{format}\"\n{extra}");
+    let (broker, _daemon) = start_daemon(
+        "models",
+        &fx.pipeline(case, &format!("dev/+/{case}"), "out/{pipeline}/{1}", &extra),
     );
-    let _daemon = Daemon::start(&config(broker.port, "models", &pipelines)).expect("daemon");
     let obs = MqttClient::connect(broker.port, &format!("obs-{case}-{format}")).expect("observer");
     obs.subscribe("out/#").expect("subscribe");
-    wait_online(broker.port, "models");
     let dev = MqttClient::connect(broker.port, &format!("dev-{case}-{format}")).expect("device");
     for (i, s) in fx.samples.iter().enumerate() {
         let payload = match format {
@@ -86,16 +84,13 @@ fn two_inputs_named_json_with_int64_matches_reference() {
 #[test]
 fn classification_adds_top_k_with_labels() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.digits]\nmodel = {:?}\ninput = \"d/+\"\noutput = \"r/{{1}}\"\n[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 3\nlabels = {:?}\ninclude_outputs = false\n",
-        fx.model_path().display().to_string(),
+    let post = format!(
+        "[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 3\nlabels = {:?}\ninclude_outputs = false",
         fx.dir.join("labels.txt").display().to_string()
     );
-    let _daemon = Daemon::start(&config(broker.port, "cls", &pipelines)).expect("daemon");
+    let (broker, _daemon) = start_daemon("cls", &fx.pipeline("digits", "d/+", "r/{1}", &post));
     let obs = MqttClient::connect(broker.port, "obs-cls").expect("observer");
     obs.subscribe("r/#").expect("subscribe");
-    wait_online(broker.port, "cls");
     let dev = MqttClient::connect(broker.port, "dev-cls").expect("device");
     for i in 0..fx.samples.len() {
         dev.publish(&format!("d/{i}"), fx.json_frame(i, i as u64), QoS::AtLeastOnce, false)

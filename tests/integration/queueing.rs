@@ -4,9 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use edgeinfer_tests::{
-    Daemon, Fixture, Mosquitto, MqttClient, config, eventually, wait_health, wait_online,
-};
+use edgeinfer_tests::{Fixture, MqttClient, eventually, start_daemon, wait_health};
 use rumqttc::QoS;
 
 const BURST: u64 = 12;
@@ -14,15 +12,11 @@ const BURST: u64 = 12;
 /// Publishes a burst to a slow pipeline with `policy`; returns (served seqs, health counters).
 fn burst(policy: &str) -> (BTreeSet<u64>, serde_json::Value) {
     let fx = Fixture::load("slow").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.slow]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nformat = \"json\"\n\
-         [pipelines.slow.queue]\ncapacity = 2\npolicy = \"{policy}\"\nblock_timeout = \"5s\"\n",
-        fx.model_path().display().to_string()
+    let queue = format!(
+        "[pipelines.slow.queue]\ncapacity = 2\npolicy = \"{policy}\"\nblock_timeout = \"5s\""
     );
     let device = format!("q-{}", policy.replace('_', "-"));
-    let _daemon = Daemon::start(&config(broker.port, &device, &pipelines)).expect("daemon");
-    wait_online(broker.port, &device);
+    let (broker, _daemon) = start_daemon(&device, &fx.pipeline("slow", "s/+", "r/{1}", &queue));
     let obs = MqttClient::connect(broker.port, &format!("obs-{device}")).expect("observer");
     obs.subscribe("r/#").expect("subscribe");
     let dev = MqttClient::connect(broker.port, &format!("dev-{device}")).expect("device");

@@ -4,21 +4,23 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, config, free_port, wait_online};
+use edgeinfer_tests::{
+    Daemon, Fixture, Mosquitto, MqttClient, config, free_port, start_daemon, wait_online,
+};
 use rumqttc::QoS;
 
 #[test]
 fn many_devices_on_wildcards_get_results_on_their_own_topics() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let pipelines = format!(
-        "[pipelines.imu]\nmodel = {:?}\ninput = \"site/+/dev/+/frames/#\"\noutput = \"edgeinfer/{{device}}/{{pipeline}}/{{1}}/{{2}}/{{3}}\"\nworkers = 2\n[pipelines.imu.queue]\ncapacity = 256\n",
-        fx.model_path().display().to_string()
+    let pipeline = fx.pipeline(
+        "imu",
+        "site/+/dev/+/frames/#",
+        "edgeinfer/{device}/{pipeline}/{1}/{2}/{3}",
+        "workers = 2\n[pipelines.imu.queue]\ncapacity = 256",
     );
-    let _daemon = Daemon::start(&config(broker.port, "router", &pipelines)).expect("daemon");
+    let (broker, _daemon) = start_daemon("router", &pipeline);
     let obs = MqttClient::connect(broker.port, "obs-routing").expect("observer");
     obs.subscribe("edgeinfer/router/imu/#").expect("subscribe");
-    wait_online(broker.port, "router");
 
     let devices = 12;
     let per_device = 5;
@@ -59,16 +61,14 @@ fn many_devices_on_wildcards_get_results_on_their_own_topics() {
 #[test]
 fn one_stream_feeds_two_pipelines() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
-    let model = fx.model_path().display().to_string();
-    let pipelines = format!(
-        "[pipelines.a]\nmodel = {model:?}\ninput = \"s/+\"\noutput = \"r/{{pipeline}}/{{1}}\"\n\
-         [pipelines.b]\nmodel = {model:?}\ninput = \"s/#\"\noutput = \"r/{{pipeline}}/{{1}}\"\nqos = 0\n"
-    );
-    let _daemon = Daemon::start(&config(broker.port, "fan", &pipelines)).expect("daemon");
+    let pipelines = [
+        fx.pipeline("a", "s/+", "r/{pipeline}/{1}", ""),
+        fx.pipeline("b", "s/#", "r/{pipeline}/{1}", "qos = 0"),
+    ]
+    .concat();
+    let (broker, _daemon) = start_daemon("fan", &pipelines);
     let obs = MqttClient::connect(broker.port, "obs-fan").expect("observer");
     obs.subscribe("r/#").expect("subscribe");
-    wait_online(broker.port, "fan");
     let dev = MqttClient::connect(broker.port, "dev-fan").expect("device");
     dev.publish("s/x", fx.json_frame(1, 7), QoS::AtLeastOnce, false).expect("publish");
     let msgs = obs.collect_until(Duration::from_secs(30), |m| m.len() >= 2).expect("results");
@@ -85,10 +85,7 @@ fn one_stream_feeds_two_pipelines() {
 fn connects_late_and_resubscribes_after_broker_restart() {
     let fx = Fixture::load("digits").expect("fixture");
     let port = free_port();
-    let pipelines = format!(
-        "[pipelines.p]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\n",
-        fx.model_path().display().to_string()
-    );
+    let pipelines = fx.pipeline("p", "s/+", "r/{1}", "");
     let mut daemon = Daemon::start(&config(port, "late", &pipelines)).expect("daemon");
     daemon
         .wait_log("cannot connect to broker", Duration::from_secs(30))

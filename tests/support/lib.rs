@@ -502,6 +502,15 @@ impl Fixture {
         self.dir.join("model.onnx")
     }
 
+    /// A `[pipelines.NAME]` table serving this fixture on `input`, results on `output`, plus
+    /// `extra` TOML lines (keys of the pipeline table, then any sub-tables).
+    pub fn pipeline(&self, name: &str, input: &str, output: &str, extra: &str) -> String {
+        format!(
+            "[pipelines.{name}]\nmodel = {:?}\ninput = {input:?}\noutput = {output:?}\n{extra}\n",
+            self.model_path().display().to_string()
+        )
+    }
+
     /// A sample as a JSON frame: `data` for single-input models, named `inputs` otherwise.
     pub fn json_frame(&self, sample: usize, seq: u64) -> String {
         let s = &self.samples[sample];
@@ -559,6 +568,14 @@ impl Fixture {
         }
         Ok(())
     }
+}
+
+/// A broker, and a daemon configured with `pipelines` as `device`, already online.
+pub fn start_daemon(device: &str, pipelines: &str) -> (Mosquitto, Daemon) {
+    let broker = Mosquitto::start().expect("mosquitto");
+    let daemon = Daemon::start(&config(broker.port, device, pipelines)).expect("daemon");
+    wait_online(broker.port, device);
+    (broker, daemon)
 }
 
 /// A minimal daemon config for one pipeline, for tests to extend.
