@@ -40,11 +40,14 @@ if [[ $quick -eq 0 ]]; then
   cargo fmt --all -- --check
   echo "== cargo clippy (all targets, -D warnings)"
   cargo clippy --workspace --all-targets --locked -- -D warnings
-  echo "== cargo clippy (device build: no demo broker)"
+  echo "== cargo clippy (device build: no demo broker; and with the test-only fault hooks)"
   cargo clippy -p edgeinfer --no-default-features --all-targets --locked -- -D warnings
+  cargo clippy -p edgeinfer --features fault-hooks --all-targets --locked -- -D warnings
 fi
-echo "== build the daemon binary used by the integration tests"
-cargo build -p edgeinfer --bins --locked
+echo "== build the daemon binary used by the integration tests (with the test-only fault hooks)"
+cargo build -p edgeinfer --bins --locked --features fault-hooks
+echo "== systemd unit, sysusers and tmpfiles files"
+tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer"
 echo "== tests (unit + integration against a real mosquitto)"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
 echo "== all tests passed in $(( $(date +%s) - start ))s"

@@ -141,7 +141,7 @@ fn run(path: &Path) -> ExitCode {
     };
     match app::run(config, StopHandle::default()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ AppError::Files { .. }) => {
+        Err(e @ (AppError::Files { .. } | AppError::Root)) => {
             report(&e);
             ExitCode::from(EX_CONFIG)
         }
@@ -169,7 +169,7 @@ fn validate(path: &Path, models: bool) -> ExitCode {
         }
         return ExitCode::from(EX_CONFIG);
     }
-    if models && let Err(e) = app::start(config.clone()) {
+    if models && let Err(e) = app::check(&config) {
         report(&e);
         return ExitCode::from(EX_CONFIG);
     }

@@ -105,6 +105,11 @@ interval = "2s"
 interval = "0s"
 [shutdown]
 grace = "5s"
+[system]
+# The demo is a developer tool run from a shell: no service user, no delegated cgroup.
+allow_root = true
+[system.cgroup]
+mode = "off"
 [pipelines.digits]
 model = "digits.onnx"
 input = "demo/sensors/+/digits"
@@ -156,6 +161,14 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
     println!("demo: in-process MQTT broker on 127.0.0.1:{port}");
     let config = demo_config(port, &dir)?;
 
+    // The demo's own runtime first: the daemon's start-up pins the calling thread (and the
+    // threads it creates later) to its I/O CPU, which the simulated sensors should not share.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("demo-io")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     // The daemon, exactly as `edgeinfer run` starts it, on its own thread.
     let stop = StopHandle::default();
     let app = app::start(config).map_err(|e| {
@@ -168,12 +181,6 @@ fn run_inner(args: &DemoArgs) -> Result<bool, String> {
         .spawn(move || app.serve(stop2))
         .map_err(|e| e.to_string())?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("demo-io")
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let tally = Arc::new(Tally {
         published: AtomicU64::new(0),
         results: AtomicU64::new(0),

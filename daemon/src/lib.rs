@@ -16,9 +16,12 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "fault-hooks")]
+pub mod fault;
 pub mod logging;
 pub mod model;
 pub mod mqtt;
 pub mod pipeline;
+pub mod sys;
 pub mod telemetry;
 pub mod topic;

@@ -15,7 +15,9 @@ fn main() -> ExitCode {
         }
     };
     match cli::log_level(&cli) {
-        Ok(level) => edgeinfer::logging::init(level),
+        Ok(level) => {
+            edgeinfer::logging::init(level);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EX_USAGE);

@@ -7,3 +7,4 @@ mod malformed;
 mod models;
 mod queueing;
 mod routing;
+mod system;

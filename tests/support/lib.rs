@@ -181,20 +181,29 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (TOML) into a fresh directory and starts `edgeinfer run` on it.
     pub fn start(config: &str) -> Result<Self> {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(config: &str, env: &[(&str, String)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("edgeinfer.toml");
         fs::write(&path, config)?;
         let log = fs::File::create(dir.path().join("daemon.log"))?;
-        let child = Command::new(edgeinfer_bin())
-            .args(["run", "--config"])
+        let mut cmd = Command::new(edgeinfer_bin());
+        cmd.args(["run", "--config"])
             .arg(&path)
             .env("EDGEINFER_LOG", "debug")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .env_remove("JOURNAL_STREAM")
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning edgeinfer")?;
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawning edgeinfer")?;
         Ok(Daemon { dir, config: path, child: Some(child), status: None })
     }
 
@@ -596,6 +605,9 @@ interval = "1s"
 interval = "1s"
 [shutdown]
 grace = "20s"
+[system]
+# The tests run as whatever user CI has, often root.
+allow_root = true
 {pipelines}
 "#
     )
@@ -619,4 +631,84 @@ pub fn wait_health(
 pub fn wait_online(port: u16, device: &str) -> Value {
     wait_health(port, device, Duration::from_secs(60), |v| v["status"] == "online")
         .unwrap_or_else(|e| panic!("{device} never came online: {e}"))
+}
+
+/// A stand-in for systemd's notification socket: a unix datagram socket the test reads.
+pub struct NotifySocket {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+    sock: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+        Ok(NotifySocket { _dir: dir, path, sock })
+    }
+
+    /// The next message, or `None` after `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<String> {
+        self.sock.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).ok()?;
+        let mut buf = vec![0u8; 4096];
+        let n = self.sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Messages until one contains `needle` (returned last), or an error after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Some(m) = self.recv(deadline.saturating_duration_since(Instant::now())) {
+                let done = m.contains(needle);
+                seen.push(m);
+                if done {
+                    return Ok(seen);
+                }
+            }
+        }
+        bail!("no notification containing {needle:?} within {timeout:?}; got {seen:?}")
+    }
+
+    /// Everything that arrives during `d`.
+    pub fn collect_for(&self, d: Duration) -> Vec<String> {
+        let deadline = Instant::now() + d;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Some(m) = self.recv(deadline.saturating_duration_since(Instant::now())) {
+                seen.push(m);
+            }
+        }
+        seen
+    }
+}
+
+/// Threads of a process: (tid, name, text of its status file).
+pub fn threads(pid: i32) -> Vec<(i32, String, String)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in entries.flatten() {
+            let tid: i32 = e.file_name().to_string_lossy().parse().unwrap_or(0);
+            let comm =
+                fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_string();
+            let status = fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            out.push((tid, comm, status));
+        }
+    }
+    out
+}
+
+/// One field of a `/proc/*/status` text, trimmed.
+pub fn status_field(status: &str, key: &str) -> Option<String> {
+    status.lines().find_map(|l| l.strip_prefix(&format!("{key}:")).map(|v| v.trim().to_string()))
+}
+
+/// CPUs this test process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| (0..CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).collect())
+        .unwrap_or_default()
 }

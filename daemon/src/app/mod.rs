@@ -3,10 +3,12 @@
 //! `app` wires everything else together; nothing depends on it. Start-up is one function
 //! ([`start`]) with a step per comment and an error variant per step, so a failure names where it
 //! happened. Serving and shutdown live in [`serve`]: one task owns the MQTT event loop, routes
-//! frames to pipelines, publishes health and metrics, and drains on SIGTERM/SIGINT.
+//! frames to pipelines, publishes health and metrics, feeds the systemd watchdog, and drains on
+//! SIGTERM/SIGINT.
 
 mod serve;
 mod status;
+pub mod system;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,10 +19,19 @@ use crate::config::{Config, PostProcess, Problem};
 use crate::model::{LoadOptions, Model, ModelError};
 use crate::mqtt::{self, MqttError, MqttPublisher};
 use crate::pipeline::{Pipeline, Publisher, WorkerHandle};
+use crate::sys::cgroup::{self, CgroupError};
+use crate::sys::notify::Notifier;
+use crate::sys::privs::PrivError;
+use system::{Placement, SystemState};
 
 /// What can stop the daemon from starting or running, by start-up step.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error(
+        "start-up step `check user` failed: refusing to run as root; hint: run it as an \
+         unprivileged user (the unit's User=edgeinfer), or set system.allow_root = true"
+    )]
+    Root,
     #[error("start-up step `open files` failed:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Files { problems: Vec<Problem> },
     #[error("start-up step `open files` failed: cannot read labels {path} for pipeline {pipeline}")]
@@ -44,6 +55,13 @@ pub enum AppError {
         #[source]
         source: ModelError,
     },
+    #[error(
+        "start-up step `cgroup placement and limits` failed; hint: check the unit's Delegate=yes \
+         and that nothing else manages this cgroup, or set system.cgroup.mode = \"off\""
+    )]
+    Cgroup(#[source] CgroupError),
+    #[error("start-up step `drop capabilities` failed")]
+    Privileges(#[source] PrivError),
     #[error("start-up step `start runtime` failed")]
     Runtime(#[source] std::io::Error),
     #[error("start-up step `connect MQTT` failed")]
@@ -92,11 +110,14 @@ pub struct TransportStats {
     pub unrouted: AtomicU64,
 }
 
-/// Everything that runs: the validated config and the pipelines with their loaded models.
+/// Everything that runs: the validated config, the pipelines with their loaded models, and what
+/// the system steps decided.
 pub struct App {
     pub config: Config,
     pub pipelines: Vec<Arc<Pipeline>>,
     pub transport: TransportStats,
+    pub system: SystemState,
+    placements: Vec<Vec<Placement>>,
     started: Instant,
     started_us: u64,
 }
@@ -107,21 +128,19 @@ pub fn run(config: Config, stop: StopHandle) -> Result<(), AppError> {
     app.serve(stop)
 }
 
-/// The ordered start-up. Each step either completes or fails with its own error variant; the
-/// daemon only reports itself online (and, under systemd, ready) after all of them.
-pub fn start(config: Config) -> Result<App, AppError> {
-    let started = Instant::now();
-    // 1. Validate config: done by the caller (`Config::load`), which refuses invalid files.
+/// A loaded, warmed-up model with its labels, per pipeline (config order).
+type Loaded = Vec<(Model, Vec<String>)>;
 
-    // 2. Open files: every model, labels file, credential and certificate must be readable now,
-    //    so a typo fails here rather than at the first frame or the first reconnect.
+/// Opens every file and loads, optimizes and warms up every model. No side effects on the
+/// system: `edgeinfer validate --models` runs this too.
+fn load(config: &Config) -> Result<Loaded, AppError> {
+    // Every model, labels file, credential and certificate must be readable now, so a typo
+    // fails here rather than at the first frame or the first reconnect.
     let problems = config.check_files();
     if !problems.is_empty() {
         return Err(AppError::Files { problems });
     }
-
-    // 3. Load, optimize and warm up every model (one inference on zeros), off any hot path.
-    let mut pipelines = Vec::with_capacity(config.pipelines.len());
+    let mut out = Vec::with_capacity(config.pipelines.len());
     for pc in &config.pipelines {
         let opts = LoadOptions {
             name: pc.name.clone(),
@@ -134,10 +153,9 @@ pub fn start(config: Config) -> Result<App, AppError> {
             .warm_up()
             .map_err(|source| AppError::WarmUp { pipeline: pc.name.clone(), source })?;
         log::info!(
-            "pipeline={} model={} version={} sha256={} loaded in {:?}, optimized in {:?}, warm-up run {:?}",
-            pc.name,
+            pipeline = pc.name.as_str(), model = model.name.as_str(), model_version = model.version.as_str();
+            "model {} sha256={} loaded in {:?}, optimized in {:?}, warm-up run {:?}",
             model.path.display(),
-            model.version,
             &model.sha256[..12],
             model.load_time,
             model.optimize_time,
@@ -156,18 +174,74 @@ pub fn start(config: Config) -> Result<App, AppError> {
             },
             PostProcess::Raw => Vec::new(),
         };
-        let p = Pipeline::new(pc.clone(), model, labels, &config.device_id, &config.errors)
-            .map_err(|message| AppError::Mismatch { pipeline: pc.name.clone(), message })?;
-        pipelines.push(Arc::new(p));
+        out.push((model, labels));
     }
+    Ok(out)
+}
 
-    // 4-6. cgroup placement, CPU affinity of the I/O threads and dropping capabilities belong
-    //      here (see the system-integration issue); workers pin themselves when they start.
+fn build_pipelines(config: &Config, loaded: Loaded) -> Result<Vec<Arc<Pipeline>>, AppError> {
+    config
+        .pipelines
+        .iter()
+        .zip(loaded)
+        .map(|(pc, (model, labels))| {
+            Pipeline::new(pc.clone(), model, labels, &config.device_id, &config.errors)
+                .map(Arc::new)
+                .map_err(|message| AppError::Mismatch { pipeline: pc.name.clone(), message })
+        })
+        .collect()
+}
+
+/// Everything `start` checks that has no side effects: files, models, warm-up, and whether
+/// each model fits its pipeline (for `edgeinfer validate --models`).
+pub fn check(config: &Config) -> Result<(), AppError> {
+    build_pipelines(config, load(config)?).map(|_| ())
+}
+
+/// The ordered start-up. Each step either completes or fails with its own error variant; the
+/// daemon only reports itself ready after all of them (and the first connection attempt).
+pub fn start(mut config: Config) -> Result<App, AppError> {
+    let started = Instant::now();
+    // 1. Validate config: done by the caller (`Config::load`), which refuses invalid files.
+
+    crate::logging::set_device(&config.device_id);
+    #[cfg(feature = "fault-hooks")]
+    log::warn!("test-only fault hooks are compiled in: never ship this build");
+
+    // 2. Check user: an appliance daemon runs as its own user, not root.
+    system::check_user(&config)?;
+
+    // 3. Open files, then load, optimize and warm up every model (one inference on zeros).
+    let loaded = load(&config)?;
+
+    // 4. cgroup placement and limits: move into our delegated subtree and write limits, or
+    //    log once why not. Queue capacities are then fitted to the memory budget.
+    let mut sys = SystemState::default();
+    system::cpu_sets(&config, &mut sys);
+    system::cgroup(&config, &mut sys)?;
+    // Bytes a queued frame holds: its input tensors plus topic strings and bookkeeping.
+    let frame_bytes: Vec<usize> = loaded
+        .iter()
+        .map(|(m, _)| m.inputs.iter().map(|i| i.byte_len()).sum::<usize>() + 512)
+        .collect();
+    system::fit_queues(&mut config, &frame_bytes, &sys);
+    let pipelines = build_pipelines(&config, loaded)?;
+    let placements = system::placements(&config, &sys);
+
+    // 5. CPU affinity: this thread (and every thread it creates from now on) on the I/O CPUs;
+    //    each worker moves itself to its inference CPU when it starts.
+    system::pin_io(&sys);
+
+    // 6. Drop capabilities and set no_new_privs, on the main thread before any other thread
+    //    exists (capabilities are per thread and inherited).
+    system::drop_privileges(&config, &mut sys)?;
 
     Ok(App {
         config,
         pipelines,
         transport: TransportStats::default(),
+        system: sys,
+        placements,
         started,
         started_us: crate::pipeline::output::unix_us(SystemTime::now()),
     })
@@ -176,10 +250,29 @@ pub fn start(config: Config) -> Result<App, AppError> {
 impl App {
     /// Connects to the broker and serves until stopped. Returns after a clean shutdown.
     pub fn serve(self, stop: StopHandle) -> Result<(), AppError> {
-        // 7. Runtime for I/O only (inference never runs on it): one named worker thread.
+        let notifier = Notifier::from_env().unwrap_or_else(|e| {
+            log::warn!("NOTIFY_SOCKET is set but unusable ({e}); not notifying systemd");
+            Notifier::disabled()
+        });
+        // 7. Runtime for I/O only (inference never runs on it): one named thread, inheriting the
+        //    I/O affinity, moved into the `io` cgroup leaf with the main thread.
+        let io_leaf = self.system.layout.as_ref().map(|l| l.io.clone());
+        if let Some(leaf) = &io_leaf
+            && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
+        {
+            log::warn!("cannot move the main thread into {}: {e}", leaf.display());
+        }
+        let leaf = io_leaf.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("edgeinfer-io")
+            .on_thread_start(move || {
+                if let Some(leaf) = &leaf
+                    && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
+                {
+                    log::warn!("cannot move an I/O thread into {}: {e}", leaf.display());
+                }
+            })
             .enable_all()
             .build()
             .map_err(AppError::Runtime)?;
@@ -193,7 +286,7 @@ impl App {
         // Room for every queued frame's result plus health/metrics/error messages, so workers
         // rarely wait on the channel.
         let cap =
-            self.pipelines.iter().map(|p| p.cfg.queue.capacity + p.cfg.workers).sum::<usize>() + 64;
+            self.pipelines.iter().map(|p| p.queue.capacity() + p.cfg.workers).sum::<usize>() + 64;
         let (client, mut eventloop) = mqtt::client(opts, cap.max(128));
         eventloop
             .network_options
@@ -201,25 +294,29 @@ impl App {
         let publisher: Arc<dyn Publisher> =
             Arc::new(MqttPublisher::new(client.clone(), Duration::from_secs(5)));
 
-        // 9. Inference workers (each pins itself and builds its own session).
+        // 9. Inference workers: each pins itself, sets its scheduling class, joins the
+        //    inference cgroup leaf and builds its own session.
         let mut workers: Vec<WorkerHandle> = Vec::new();
-        for p in &self.pipelines {
+        for (p, placement) in self.pipelines.iter().zip(&self.placements) {
             let w = p
-                .start_workers(Arc::clone(&publisher))
+                .start_workers(Arc::clone(&publisher), placement)
                 .map_err(|message| AppError::Workers { pipeline: p.name().to_string(), message })?;
             workers.extend(w);
         }
         log::info!(
-            "started in {:?}: {} pipeline(s), {} worker(s); connecting to {}:{}",
+            "started in {:?}: {} pipeline(s), {} worker(s) on CPUs {} (I/O on {}); connecting to {}:{}",
             self.started.elapsed(),
             self.pipelines.len(),
             workers.len(),
+            self.system.inference_cpus,
+            self.system.io_cpus,
             self.config.broker.host,
             self.config.broker.port
         );
 
-        // 10. Connect, subscribe, serve; drain and disconnect on the first signal.
-        let result = rt.block_on(serve::serve(&self, client, eventloop, &workers, publisher, stop));
+        // 10. Connect, subscribe, report ready, serve; drain and disconnect on the first signal.
+        let result = rt
+            .block_on(serve::serve(&self, client, eventloop, &workers, publisher, stop, &notifier));
         // Workers exit once their queue is closed and empty (serve waits for that); after an
         // expired grace period or a second signal one may still be mid-inference, and the
         // process exits without it.

@@ -19,6 +19,7 @@ use super::{App, AppError, StopHandle, status};
 use crate::config::Qos;
 use crate::mqtt;
 use crate::pipeline::{Publisher, WorkerHandle};
+use crate::sys::notify::{self, Notifier};
 use crate::telemetry::DropReason;
 
 /// How long the goodbye (offline status + DISCONNECT) may take once draining is over.
@@ -90,6 +91,39 @@ impl Link {
     }
 }
 
+/// Feeds the systemd watchdog only while every worker shows progress: a worker's counter moves
+/// on every frame and on every idle tick, so one that stops moving is wedged in a frame.
+struct Watchdog {
+    period: Duration,
+    last: Vec<(u64, Instant)>,
+    stalled: bool,
+}
+
+impl Watchdog {
+    /// True when every worker made progress within half the watchdog period (or has exited).
+    fn all_alive(&mut self, workers: &[WorkerHandle]) -> bool {
+        let now = Instant::now();
+        let mut alive = true;
+        for (w, last) in workers.iter().zip(self.last.iter_mut()) {
+            let c = w.progress.load(Ordering::Relaxed);
+            if c != last.0 {
+                *last = (c, now);
+            } else if !w.thread.is_finished() && now.duration_since(last.1) >= self.period / 2 {
+                if !self.stalled {
+                    log::error!(
+                        "worker {} made no progress for {:?}: withholding watchdog pings so systemd restarts the service",
+                        w.name,
+                        now.duration_since(last.1)
+                    );
+                }
+                alive = false;
+            }
+        }
+        self.stalled = !alive;
+        alive
+    }
+}
+
 pub(super) async fn serve(
     app: &App,
     client: AsyncClient,
@@ -97,6 +131,7 @@ pub(super) async fn serve(
     workers: &[WorkerHandle],
     publisher: Arc<dyn Publisher>,
     stop: StopHandle,
+    notifier: &Notifier,
 ) -> Result<(), AppError> {
     let cfg = &app.config;
     let target = format!("{}:{}", cfg.broker.host, cfg.broker.port);
@@ -116,6 +151,23 @@ pub(super) async fn serve(
     let mut metrics = interval_at(Instant::now() + metrics_every, metrics_every);
     metrics.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut drain_check = interval(Duration::from_millis(20));
+    let watchdog_period = if notifier.enabled() { notify::watchdog_period() } else { None };
+    let mut watchdog = watchdog_period.map(|period| Watchdog {
+        period,
+        last: workers
+            .iter()
+            .map(|w| (w.progress.load(Ordering::Relaxed), Instant::now()))
+            .collect(),
+        stalled: false,
+    });
+    if let Some(p) = watchdog_period {
+        log::info!("systemd watchdog every {p:?}: pinging while every worker makes progress");
+    }
+    let mut watchdog_tick = interval(
+        watchdog_period
+            .map_or(Duration::from_secs(3600), |p| (p / 4).max(Duration::from_millis(50))),
+    );
+    let mut ready_sent = false;
 
     let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
     let mut link =
@@ -131,7 +183,17 @@ pub(super) async fn serve(
             _ = sigint.recv() => stop_requested = true,
             changed = stop_rx.changed() => stop_requested = changed.is_ok(),
             _ = sighup.recv() => {
+                let _ = notifier.reloading();
                 log::warn!("SIGHUP received: configuration reload is not implemented yet; restart the service to apply changes");
+                let _ = notifier.ready(&status::status_line(app, link.connected));
+            }
+            // Pings start once READY=1 is out.
+            _ = watchdog_tick.tick(), if watchdog.is_some() && ready_sent => {
+                if let Some(w) = watchdog.as_mut()
+                    && w.all_alive(workers)
+                {
+                    let _ = notifier.watchdog();
+                }
             }
 
             _ = sleep_until(link.retry_at.unwrap_or_else(Instant::now)), if link.retry_at.is_some() => {
@@ -173,6 +235,12 @@ pub(super) async fn serve(
                         log::error!("cannot subscribe: {e}");
                     }
                     let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
+                    if !ready_sent {
+                        ready_sent = true;
+                        let _ = notifier.ready(&status::status_line(app, true));
+                    } else {
+                        let _ = notifier.status(&status::status_line(app, true));
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
@@ -190,6 +258,14 @@ pub(super) async fn serve(
                         break;
                     }
                     link.on_error(app, &e, min, max, &target);
+                    // Ready means "serving as well as the network allows": a broker that is down
+                    // must not hold the unit in `activating` until systemd gives up.
+                    if !ready_sent {
+                        ready_sent = true;
+                        let _ = notifier.ready(&status::status_line(app, false));
+                    } else {
+                        let _ = notifier.status(&status::status_line(app, false));
+                    }
                 }
             },
 
@@ -198,6 +274,7 @@ pub(super) async fn serve(
                     let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
                 }
                 log::debug!("{}", status::summary_line(app));
+                let _ = notifier.status(&status::status_line(app, link.connected));
             }
             _ = metrics.tick(), if cfg.metrics.interval.is_some() => {
                 if link.connected {
@@ -256,6 +333,7 @@ pub(super) async fn serve(
                 "stopping: intake closed, serving {queued} queued frame(s) within {:?}",
                 cfg.shutdown.grace
             );
+            let _ = notifier.stopping(&format!("stopping: serving {queued} queued frame(s)"));
             for p in &app.pipelines {
                 p.queue.close();
             }

@@ -46,9 +46,31 @@ pub fn online(app: &App) -> Vec<u8> {
         "uptime_s": app.started.elapsed().as_secs(),
         "rss_bytes": rss_bytes(),
         "transport": transport(app),
+        "system": app.system.to_json(),
         "pipelines": Value::Object(pipelines),
     });
     serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// The one-line `STATUS=` for systemd: what is served, how fast, how well.
+pub fn status_line(app: &App, connected: bool) -> String {
+    let served: u64 = app.pipelines.iter().map(|p| p.stats.served.load(Ordering::Relaxed)).sum();
+    let rate = served as f64 / app.started.elapsed().as_secs_f64().max(1e-3);
+    let mut total = crate::telemetry::Snapshot::default();
+    for p in &app.pipelines {
+        total.merge(&p.stats.total.snapshot());
+    }
+    let p99 = total
+        .quantile(0.99)
+        .map_or("-".to_string(), |d| format!("{:.1}ms", d.as_secs_f64() * 1000.0));
+    let models: Vec<String> =
+        app.pipelines.iter().map(|p| format!("{}@{}", p.model.name, p.model.version)).collect();
+    format!(
+        "{}; {} pipeline(s) [{}]; {served} served, {rate:.1}/s avg; p99 {p99}",
+        if connected { "online" } else { "waiting for broker" },
+        app.pipelines.len(),
+        models.join(", ")
+    )
 }
 
 fn transport(app: &App) -> Value {
@@ -102,6 +124,7 @@ pub fn metrics(app: &App) -> Vec<u8> {
         "rss_bytes": rss_bytes(),
         "histogram": {"schema": "log2/4", "first_bound_ns": 1000, "buckets_per_doubling": 4},
         "transport": transport(app),
+        "cgroup": app.system.cgroup_dir.as_deref().map(crate::sys::cgroup::read_stats),
         "pipelines": Value::Object(pipelines),
     });
     serde_json::to_vec(&v).unwrap_or_default()

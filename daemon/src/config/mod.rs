@@ -82,8 +82,55 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub errors: ErrorsConfig,
     pub shutdown: ShutdownConfig,
+    pub system: SystemConfig,
     /// Pipelines in name order.
     pub pipelines: Vec<PipelineConfig>,
+}
+
+/// How the daemon sits in the operating system: user, capabilities, CPUs, cgroup.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// Run even when started as root (otherwise refused: use the unit's `User=`).
+    pub allow_root: bool,
+    /// Capability names kept after start-up (default none).
+    pub keep_capabilities: Vec<String>,
+    /// CPUs for MQTT/I-O threads; `None`: derived from the allowed set.
+    pub io_cpus: Option<Vec<usize>>,
+    /// CPUs for inference workers; `None`: derived from the allowed set.
+    pub inference_cpus: Option<Vec<usize>>,
+    pub worker_sched: WorkerSchedConfig,
+    pub cgroup: CgroupConfig,
+}
+
+/// Scheduling class of inference worker threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerSchedConfig {
+    Other { nice: i32 },
+    Fifo { priority: u8 },
+    RoundRobin { priority: u8 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// Manage the subtree when systemd delegated it; otherwise only read usage.
+    Auto,
+    /// Never touch cgroups (usage is still read when available).
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct CgroupConfig {
+    pub mode: CgroupMode,
+    /// The cgroup2 mount.
+    pub root: PathBuf,
+    pub memory_high: Option<u64>,
+    pub memory_max: Option<u64>,
+    /// Share of one CPU in percent for the I/O threads (`cpu.max`).
+    pub io_cpu_max: Option<u32>,
+    /// Share of one CPU in percent for the inference workers (`cpu.max`).
+    pub inference_cpu_max: Option<u32>,
+    /// Fraction of the memory limit that queued frames may occupy.
+    pub queue_memory_fraction: f64,
 }
 
 /// MQTT broker connection.
@@ -445,6 +492,8 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         ShutdownConfig { grace }
     };
 
+    let system = system(&mut root, p);
+
     let mut pipelines = Vec::new();
     match root.get("pipelines") {
         None => {
@@ -479,8 +528,183 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
     }
     root.finish(p);
 
-    Some(Config { source: None, device_id, broker, health, metrics, errors, shutdown, pipelines })
+    Some(Config {
+        source: None,
+        device_id,
+        broker,
+        health,
+        metrics,
+        errors,
+        shutdown,
+        system,
+        pipelines,
+    })
 }
+
+/// This process's allowed CPUs, for validating CPU lists.
+fn allowed_cpus() -> Option<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    Some((0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).collect())
+}
+
+/// A CPU list: no duplicates, every CPU in the allowed set (the message names the set).
+fn cpu_list(s: &mut Section<'_>, p: &mut Problems, key: &'static str) -> Option<Vec<usize>> {
+    let cpus: Vec<usize> = s.int_array(p, key, 0, 4095)?.into_iter().map(|c| c as usize).collect();
+    let mut sorted = cpus.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != cpus.len() {
+        p.push(s.key(key), None, "lists a CPU more than once");
+    }
+    if cpus.is_empty() {
+        p.push(s.key(key), None, "must name at least one CPU (or be left out)");
+    }
+    if let Some(allowed) = allowed_cpus() {
+        let bad: Vec<usize> = cpus.iter().copied().filter(|c| !allowed.contains(c)).collect();
+        if !bad.is_empty() {
+            let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+            p.push(
+                s.key(key),
+                None,
+                format!(
+                    "CPU(s) {bad:?} are not in this process's allowed set [{}]",
+                    list.join(",")
+                ),
+            );
+        }
+    }
+    Some(cpus)
+}
+
+fn percent(s: &mut Section<'_>, p: &mut Problems, key: &'static str) -> Option<u32> {
+    let raw = s.get(key)?;
+    let parsed = raw
+        .as_str()
+        .and_then(|t| t.trim().strip_suffix('%'))
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .filter(|n| (1..=100_000).contains(n));
+    if parsed.is_none() {
+        p.push(s.key(key), Some(raw), "expected a share of one CPU such as \"50%\" or \"300%\"");
+    }
+    parsed
+}
+
+fn system(root: &mut Section<'_>, p: &mut Problems) -> SystemConfig {
+    let mut out = SystemConfig {
+        allow_root: false,
+        keep_capabilities: Vec::new(),
+        io_cpus: None,
+        inference_cpus: None,
+        worker_sched: WorkerSchedConfig::Other { nice: 0 },
+        cgroup: CgroupConfig {
+            mode: CgroupMode::Auto,
+            root: PathBuf::from("/sys/fs/cgroup"),
+            memory_high: None,
+            memory_max: None,
+            io_cpu_max: None,
+            inference_cpu_max: None,
+            queue_memory_fraction: 0.25,
+        },
+    };
+    let Some(mut s) = root.table(p, "system") else { return out };
+    out.allow_root = s.bool(p, "allow_root").unwrap_or(false);
+    out.keep_capabilities = s.string_array(p, "keep_capabilities").unwrap_or_default();
+    for c in &out.keep_capabilities {
+        let canonical = caps_name(c);
+        if !KNOWN_CAPS.contains(&canonical.as_str()) {
+            p.push(
+                s.key("keep_capabilities"),
+                Some(&Value::String(c.clone())),
+                "unknown capability name",
+            );
+        }
+    }
+    out.io_cpus = cpu_list(&mut s, p, "io_cpus");
+    out.inference_cpus = cpu_list(&mut s, p, "inference_cpus");
+    let sched = s.choice(p, "worker_sched", &[("other", 0), ("fifo", 1), ("rr", 2)]).unwrap_or(0);
+    let nice = s.int(p, "worker_nice", -20, 19).unwrap_or(0) as i32;
+    let priority = s.int(p, "worker_priority", 1, 99).unwrap_or(10) as u8;
+    out.worker_sched = match sched {
+        1 => WorkerSchedConfig::Fifo { priority },
+        2 => WorkerSchedConfig::RoundRobin { priority },
+        _ => WorkerSchedConfig::Other { nice },
+    };
+    if let Some(mut c) = s.table(p, "cgroup") {
+        let cg = &mut out.cgroup;
+        cg.mode = c
+            .choice(p, "mode", &[("auto", CgroupMode::Auto), ("off", CgroupMode::Off)])
+            .unwrap_or(CgroupMode::Auto);
+        if let Some(r) = c.string(p, "root") {
+            cg.root = PathBuf::from(r);
+        }
+        cg.memory_high = c.size(p, "memory_high", 16 << 20, 1 << 40);
+        cg.memory_max = c.size(p, "memory_max", 16 << 20, 1 << 40);
+        if let (Some(h), Some(m)) = (cg.memory_high, cg.memory_max)
+            && h > m
+        {
+            p.push(c.key("memory_high"), None, "must not exceed memory_max");
+        }
+        cg.io_cpu_max = percent(&mut c, p, "io_cpu_max");
+        cg.inference_cpu_max = percent(&mut c, p, "inference_cpu_max");
+        if let Some(f) = c.float(p, "queue_memory_fraction", 0.01, 1.0) {
+            cg.queue_memory_fraction = f;
+        }
+        c.finish(p);
+    }
+    s.finish(p);
+    out
+}
+
+/// `sys_nice` / `cap_sys_nice` / `CAP_SYS_NICE` -> `CAP_SYS_NICE`.
+pub fn caps_name(s: &str) -> String {
+    let up = s.trim().to_ascii_uppercase();
+    if up.starts_with("CAP_") { up } else { format!("CAP_{up}") }
+}
+
+/// Capability names Linux knows (as of 6.x).
+const KNOWN_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
 
 fn template(
     s: Option<&mut Section<'_>>,
@@ -684,36 +908,7 @@ fn pipeline(
         shapes.finish(p);
     }
     let workers = s.int(p, "workers", 1, 256).map_or(1, |n| n as usize);
-    let cpus: Vec<usize> = s
-        .int_array(p, "cpus", 0, 4095)
-        .map(|v| v.into_iter().map(|c| c as usize).collect())
-        .unwrap_or_default();
-    if !cpus.is_empty() {
-        let mut sorted = cpus.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if sorted.len() != cpus.len() {
-            p.push(s.key("cpus"), None, "lists a CPU more than once");
-        }
-        if let Ok(allowed) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
-            let bad: Vec<usize> =
-                cpus.iter().copied().filter(|c| !allowed.is_set(*c).unwrap_or(false)).collect();
-            if !bad.is_empty() {
-                let allowed_list: Vec<String> = (0..nix::sched::CpuSet::count())
-                    .filter(|c| allowed.is_set(*c).unwrap_or(false))
-                    .map(|c| c.to_string())
-                    .collect();
-                p.push(
-                    s.key("cpus"),
-                    None,
-                    format!(
-                        "CPU(s) {bad:?} are not in this process's allowed set [{}]",
-                        allowed_list.join(",")
-                    ),
-                );
-            }
-        }
-    }
+    let cpus = cpu_list(&mut s, p, "cpus").unwrap_or_default();
     let queue = {
         let mut q = s.table(p, "queue");
         let capacity =

@@ -221,6 +221,40 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// A number (integer or float) within `min..=max`.
+    pub fn float(&mut self, p: &mut Problems, key: &'a str, min: f64, max: f64) -> Option<f64> {
+        let raw = self.get(key)?;
+        let v = match raw {
+            Value::Float(f) => *f,
+            Value::Integer(i) => *i as f64,
+            other => {
+                p.push(
+                    self.key(key),
+                    Some(other),
+                    format!("expected a number, found {}", type_name(other)),
+                );
+                return None;
+            }
+        };
+        if !(min..=max).contains(&v) {
+            p.push(self.key(key), Some(raw), format!("must be between {min} and {max}"));
+            return None;
+        }
+        Some(v)
+    }
+
+    /// An array of strings.
+    pub fn string_array(&mut self, p: &mut Problems, key: &'a str) -> Option<Vec<String>> {
+        let raw = self.get(key)?;
+        let arr = raw.as_array().and_then(|a| {
+            a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+        });
+        if arr.is_none() {
+            p.push(self.key(key), Some(raw), "expected an array of strings");
+        }
+        arr
+    }
+
     /// An array of integers within `min..=max`.
     pub fn int_array(
         &mut self,

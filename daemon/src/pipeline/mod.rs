@@ -25,7 +25,7 @@ use crate::topic::Captures;
 use decode::{Decoder, Reject};
 use output::{ErrorMsg, unix_us};
 use queue::{FrameQueue, Push};
-pub use worker::WorkerHandle;
+pub use worker::{Placement, WorkerHandle};
 
 /// Why a message could not be handed to the MQTT client.
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +129,8 @@ impl Pipeline {
             let classes = model.outputs.get(idx).map_or(0, |o| o.len());
             if !labels.is_empty() && labels.len() != classes {
                 log::warn!(
-                    "pipeline={} labels file has {} lines but output `{}` has {} classes; unmatched classes get no label",
-                    cfg.name,
+                    pipeline = cfg.name.as_str();
+                    "labels file has {} lines but output `{}` has {} classes; unmatched classes get no label",
                     labels.len(),
                     model.outputs.get(idx).map_or("", |o| o.name.as_str()),
                     classes
@@ -256,13 +256,14 @@ impl Pipeline {
         }
     }
 
-    /// Starts this pipeline's worker threads; returns once every worker has its inference
+    /// Starts one worker thread per placement; returns once every worker has its inference
     /// session ready (or the first error).
     pub fn start_workers(
         self: &Arc<Self>,
         publisher: Arc<dyn Publisher>,
+        placements: &[Placement],
     ) -> Result<Vec<WorkerHandle>, String> {
-        worker::start(self, publisher)
+        worker::start(self, publisher, placements)
     }
 }
 

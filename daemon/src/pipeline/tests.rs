@@ -92,7 +92,7 @@ fn json_frames_are_served_with_reference_outputs_and_labels() {
         "[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 2\nlabels = \"x\"\n",
     );
     let rec = Arc::new(Recorder::default());
-    let workers = p.start_workers(rec.clone()).expect("workers");
+    let workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
     let filter = TopicFilter::parse("sensors/+/digits").expect("filter");
     for i in 0..8 {
         let (input, _) = sample(i);
@@ -137,7 +137,7 @@ fn json_frames_are_served_with_reference_outputs_and_labels() {
 fn raw_frames_and_rejections_are_counted_and_reported() {
     let p = pipeline("format = \"raw\"\n");
     let rec = Arc::new(Recorder::default());
-    let workers = p.start_workers(rec.clone()).expect("workers");
+    let workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
     let caps =
         TopicFilter::parse("sensors/+/digits").expect("f").matches("sensors/a/digits").expect("m");
     let (input, want) = sample(3);

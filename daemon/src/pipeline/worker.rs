@@ -1,6 +1,7 @@
 //! Inference worker threads: dedicated OS threads (never tokio tasks), each optionally pinned to
 //! one CPU from inside the thread, each owning its own tract state and output buffers.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -11,10 +12,28 @@ use super::output::{ResultMeta, ResultWriter};
 use super::queue::Pop;
 use super::{Frame, Pipeline, Publisher};
 use crate::model::Session;
+use crate::sys::cgroup;
+use crate::sys::cpus::{self, CpuList, WorkerSched};
 use crate::telemetry::FailReason;
 
 /// How often an idle worker wakes up to show it is alive.
 const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Where one worker thread runs.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// CPU it pins itself to (`None`: not pinned).
+    pub cpu: Option<usize>,
+    pub sched: WorkerSched,
+    /// Threaded cgroup leaf it moves itself into.
+    pub cgroup_leaf: Option<PathBuf>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement { cpu: None, sched: WorkerSched::Other { nice: 0 }, cgroup_leaf: None }
+    }
+}
 
 /// A running worker: its thread and a progress counter (frames handled + idle ticks), which the
 /// liveness check reads to tell a busy or idle worker from a wedged one.
@@ -27,21 +46,20 @@ pub struct WorkerHandle {
 pub(super) fn start(
     p: &Arc<Pipeline>,
     publisher: Arc<dyn Publisher>,
+    placements: &[Placement],
 ) -> Result<Vec<WorkerHandle>, String> {
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-    let mut handles = Vec::with_capacity(p.cfg.workers);
-    for i in 0..p.cfg.workers {
-        let cpu = (!p.cfg.cpus.is_empty()).then(|| p.cfg.cpus[i % p.cfg.cpus.len()]);
+    let mut handles = Vec::with_capacity(placements.len());
+    for (i, placement) in placements.iter().enumerate() {
         let progress = Arc::new(AtomicU64::new(0));
         let name = format!("ei-{}-{i}", p.name());
         let (pl, pb, pr, ready) =
             (Arc::clone(p), Arc::clone(&publisher), Arc::clone(&progress), ready_tx.clone());
+        let placement = placement.clone();
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                if let Some(cpu) = cpu {
-                    pin_current_thread(cpu, &pl.cfg.name);
-                }
+                place_current_thread(&placement, pl.name());
                 let session = match pl.model.session() {
                     Ok(s) => s,
                     Err(e) => {
@@ -78,15 +96,29 @@ pub(super) fn start(
     Ok(handles)
 }
 
-/// Pins the calling thread to `cpu`. Config validation already checked the CPU is allowed, so
-/// a failure here (e.g. the cpuset changed since) is logged and the worker runs unpinned.
-fn pin_current_thread(cpu: usize, pipeline: &str) {
-    use nix::sched::{CpuSet, sched_setaffinity};
-    use nix::unistd::Pid;
-    let mut set = CpuSet::new();
-    let res = set.set(cpu).and_then(|()| sched_setaffinity(Pid::from_raw(0), &set));
-    if let Err(e) = res {
-        log::warn!("pipeline={pipeline} cannot pin worker to cpu={cpu}: {e}; running unpinned");
+/// Applies a placement to the calling thread: CPU, scheduling class, cgroup leaf. Each is done
+/// from the thread itself (affinity, scheduling and cgroup membership are per thread). Config
+/// validation already checked the CPU; a failure here (the cpuset changed since, no
+/// CAP_SYS_NICE for a real-time class) is logged and the worker runs without it.
+fn place_current_thread(placement: &Placement, pipeline: &str) {
+    if let Some(cpu) = placement.cpu
+        && let Err(e) = cpus::pin_current_thread(&CpuList::from_slice(&[cpu]))
+    {
+        log::warn!(pipeline = pipeline; "cannot pin worker to CPU {cpu}: {e}; running unpinned");
+    }
+    if let Err(e) = cpus::set_current_thread_sched(placement.sched) {
+        log::warn!(
+            pipeline = pipeline;
+            "cannot set worker scheduling {:?}: {e}; hint: it needs CAP_SYS_NICE \
+             (system.keep_capabilities = [\"CAP_SYS_NICE\"] and AmbientCapabilities= in the unit); \
+             running with the default class",
+            placement.sched
+        );
+    }
+    if let Some(leaf) = &placement.cgroup_leaf
+        && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
+    {
+        log::warn!(pipeline = pipeline; "cannot move worker into {}: {e}", leaf.display());
     }
 }
 
@@ -119,6 +151,8 @@ fn serve(
     mut frame: Frame,
     publisher: &dyn Publisher,
 ) {
+    #[cfg(feature = "fault-hooks")]
+    crate::fault::maybe_wedge(frame.seq);
     let picked = Instant::now();
     let queue_wait = picked.saturating_duration_since(frame.received);
     p.stats.queue_wait.record(queue_wait);
@@ -169,7 +203,7 @@ fn serve(
     };
     if let Err(e) = writer.write(buf, &meta, &p.model, session) {
         p.stats.fail(FailReason::Publish);
-        log::error!("pipeline={} cannot serialize result: {e}", p.name());
+        log::error!(pipeline = p.name(); "cannot serialize result: {e}");
         return;
     }
     match publisher.publish(&frame.output_topic, buf.clone(), p.cfg.qos, false) {
@@ -179,7 +213,7 @@ fn serve(
         }
         Err(e) => {
             p.stats.fail(FailReason::Publish);
-            log::debug!("pipeline={} result for frame {} not published: {e}", p.name(), frame.id);
+            log::debug!(pipeline = p.name(); "result for frame {} not published: {e}", frame.id);
         }
     }
 }
