@@ -101,6 +101,13 @@ pub(super) fn start(
 /// validation already checked the CPU; a failure here (the cpuset changed since, no
 /// CAP_SYS_NICE for a real-time class) is logged and the worker runs without it.
 fn place_current_thread(placement: &Placement, pipeline: &str) {
+    // The cgroup first: the thread starts in its creator's leaf (the I/O one), whose cpuset
+    // would refuse the inference CPU.
+    if let Some(leaf) = &placement.cgroup_leaf
+        && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
+    {
+        log::warn!(pipeline = pipeline; "cannot move worker into {}: {e}", leaf.display());
+    }
     if let Some(cpu) = placement.cpu
         && let Err(e) = cpus::pin_current_thread(&CpuList::from_slice(&[cpu]))
     {
@@ -114,11 +121,6 @@ fn place_current_thread(placement: &Placement, pipeline: &str) {
              running with the default class",
             placement.sched
         );
-    }
-    if let Some(leaf) = &placement.cgroup_leaf
-        && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
-    {
-        log::warn!(pipeline = pipeline; "cannot move worker into {}: {e}", leaf.display());
     }
 }
 
