@@ -50,6 +50,10 @@ echo "== systemd unit, sysusers and tmpfiles files"
 tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer"
 echo "== tests (unit + integration against a real mosquitto)"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
+if [[ "${EDGEINFER_SKIP_AARCH64:-0}" != 1 ]]; then
+  echo "== static aarch64 build, end to end under qemu-aarch64-static (EDGEINFER_SKIP_AARCH64=1 skips)"
+  tools/test-aarch64.sh
+fi
 if [[ "${EDGEINFER_SKIP_VM:-0}" != 1 ]]; then
   echo "== VM test: real kernel, cgroup v2 and systemd (image/vm/run.sh; EDGEINFER_SKIP_VM=1 skips)"
   image/vm/run.sh "$CARGO_TARGET_DIR/debug/edgeinfer"

@@ -184,12 +184,13 @@ impl Publisher for MqttPublisher {
     fn publish(
         &self,
         topic: &str,
-        payload: Vec<u8>,
+        payload: &[u8],
         q: Qos,
         retain: bool,
     ) -> Result<(), PublishError> {
         let deadline = Instant::now() + self.timeout;
-        let mut payload = payload;
+        // rumqttc owns what it sends: the one copy of the result on its way out.
+        let mut payload = payload.to_vec();
         let mut pause = Duration::from_micros(200);
         loop {
             match self.client.try_publish(topic, qos(q), retain, payload) {

@@ -113,7 +113,10 @@ fn classification_adds_top_k_with_labels() {
         assert_eq!(top[0]["label"], i.to_string());
         for (k, item) in top.iter().enumerate() {
             assert_eq!(item["index"], order[k]);
-            assert!((item["score"].as_f64().expect("score") - probs[order[k]]).abs() < 1e-4);
+            assert!(
+                (item["score"].as_f64().expect("score") - probs[order[k]]).abs()
+                    < edgeinfer_tests::tolerance()
+            );
         }
     }
 }

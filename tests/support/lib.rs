@@ -161,9 +161,28 @@ pub fn edgeinfer_bin() -> PathBuf {
     bin
 }
 
+/// A command running the binary under test, through `EDGEINFER_RUNNER` when set (e.g.
+/// `qemu-aarch64-static` for the static aarch64 build).
+fn edgeinfer_command() -> Command {
+    match std::env::var_os("EDGEINFER_RUNNER").filter(|r| !r.is_empty()) {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(edgeinfer_bin());
+            c
+        }
+        None => Command::new(edgeinfer_bin()),
+    }
+}
+
+/// Max |a-b| allowed relative to max(1, max|ref|): 1e-4, or `EDGEINFER_TOLERANCE` (other
+/// architectures' kernels round differently).
+pub fn tolerance() -> f64 {
+    std::env::var("EDGEINFER_TOLERANCE").ok().and_then(|t| t.parse().ok()).unwrap_or(1e-4)
+}
+
 /// Runs an `edgeinfer` subcommand to completion.
 pub fn edgeinfer(args: &[&str]) -> Output {
-    Command::new(edgeinfer_bin())
+    edgeinfer_command()
         .args(args)
         .env_remove("NOTIFY_SOCKET")
         .output()
@@ -190,7 +209,7 @@ impl Daemon {
         let path = dir.path().join("edgeinfer.toml");
         fs::write(&path, config)?;
         let log = fs::File::create(dir.path().join("daemon.log"))?;
-        let mut cmd = Command::new(edgeinfer_bin());
+        let mut cmd = edgeinfer_command();
         cmd.args(["run", "--config"])
             .arg(&path)
             .env("EDGEINFER_LOG", "debug")
@@ -542,7 +561,7 @@ impl Fixture {
     }
 
     /// Checks a result message's outputs against the reference: every output present with the
-    /// right shape, and max |a-b| <= 1e-4 * max(1, max|ref|).
+    /// right shape, and max |a-b| <= tolerance() * max(1, max|ref|).
     pub fn check_result(&self, sample: usize, result: &Value) -> Result<()> {
         let outs = result["outputs"].as_array().ok_or_else(|| anyhow!("no outputs in {result}"))?;
         for t in &self.meta.outputs {
@@ -566,12 +585,12 @@ impl Fixture {
             }
             let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
             let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
-            if worst.is_nan() || worst > 1e-4 * scale {
+            let tol = tolerance() * scale;
+            if worst.is_nan() || worst > tol {
                 bail!(
-                    "{} sample {sample} output {}: max abs diff {worst} > {}",
+                    "{} sample {sample} output {}: max abs diff {worst} > {tol}",
                     self.name,
-                    t.name,
-                    1e-4 * scale
+                    t.name
                 );
             }
         }

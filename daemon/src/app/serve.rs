@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, StateError,
     SubscribeFilter,
 };
+use smallvec::SmallVec;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_until};
 
@@ -21,6 +23,7 @@ use crate::mqtt;
 use crate::pipeline::{Publisher, WorkerHandle};
 use crate::sys::notify::{self, Notifier};
 use crate::telemetry::DropReason;
+use crate::topic::Captures;
 
 /// How long the goodbye (offline status + DISCONNECT) may take once draining is over.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -203,10 +206,17 @@ pub(super) async fn serve(
             ev = el.poll(), if link.retry_at.is_none() => match ev {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if matches!(phase, Phase::Running) {
-                        route(app, &p, &*publisher).await;
-                        if p.qos != QoS::AtMostOnce && client.try_ack(&p).is_err() {
+                        // Only qos and pkid matter for the acknowledgement; the topic and payload
+                        // move on to the pipelines.
+                        let ack = (p.qos != QoS::AtMostOnce).then(|| {
+                            let mut a = Publish::new(String::new(), p.qos, Vec::new());
+                            a.pkid = p.pkid;
+                            a
+                        });
+                        route(app, p.topic, p.payload, &*publisher).await;
+                        if let Some(ack) = ack && client.try_ack(&ack).is_err() {
                             // The broker redelivers an unacknowledged QoS 1 frame on reconnect.
-                            log::debug!("could not queue PUBACK for pkid={} (request channel full)", p.pkid);
+                            log::debug!("could not queue PUBACK for pkid={} (request channel full)", ack.pkid);
                         }
                     } else {
                         // Not acknowledged: a persistent session redelivers it after restart.
@@ -367,21 +377,34 @@ fn subscriptions(app: &App) -> Vec<SubscribeFilter> {
     out
 }
 
-/// Hands a frame to every pipeline whose filter matches its topic.
-async fn route(app: &App, msg: &Publish, publisher: &dyn Publisher) {
-    let mut matched = false;
-    for p in &app.pipelines {
-        let Some(captures) = p.cfg.input.matches(&msg.topic) else { continue };
-        matched = true;
-        if let Some(frame) = p.ingest(&msg.topic, &captures, msg.payload.clone(), publisher) {
+/// Hands a frame to every pipeline whose filter matches its topic. The topic string moves into
+/// the last matching pipeline's frame; only fan-out to several pipelines copies it.
+async fn route(app: &App, topic: String, payload: Bytes, publisher: &dyn Publisher) {
+    let matches: SmallVec<[(usize, Captures); 2]> = app
+        .pipelines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.cfg.input.matches(&topic).map(|c| (i, c)))
+        .collect();
+    if matches.is_empty() {
+        // Overlapping subscriptions of a resumed session, or a broker bridging extra topics.
+        app.transport.unrouted.fetch_add(1, Ordering::Relaxed);
+        log::debug!("message on {topic} matched no pipeline");
+        return;
+    }
+    let last = matches.len() - 1;
+    let mut topic = Some(topic);
+    for (n, (i, captures)) in matches.into_iter().enumerate() {
+        let p = &app.pipelines[i];
+        let t = if n == last {
+            topic.take().unwrap_or_default()
+        } else {
+            topic.clone().unwrap_or_default()
+        };
+        if let Some(frame) = p.ingest(t, captures, payload.clone(), publisher) {
             // `block` policy: back-pressure by not reading further messages until there is room.
             let outcome = p.queue.push_wait(frame, p.cfg.queue.block_timeout).await;
             p.account_push(outcome);
         }
-    }
-    if !matched {
-        // Overlapping subscriptions of a resumed session, or a broker bridging extra topics.
-        app.transport.unrouted.fetch_add(1, Ordering::Relaxed);
-        log::debug!("message on {} matched no pipeline", msg.topic);
     }
 }

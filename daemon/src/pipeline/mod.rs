@@ -25,7 +25,7 @@ use crate::topic::Captures;
 use decode::{Decoder, Reject};
 use output::{ErrorMsg, unix_us};
 use queue::{FrameQueue, Push};
-pub use worker::{Placement, WorkerHandle};
+pub use worker::{Placement, Scratch, WorkerHandle};
 
 /// Why a message could not be handed to the MQTT client.
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +43,11 @@ pub enum PublishError {
 /// Where pipelines send results and error messages. Implemented over rumqttc by `mqtt`.
 pub trait Publisher: Send + Sync {
     /// Hands a message to the client, waiting a bounded time when its queue is full (workers).
+    /// Borrowed: the implementation copies what its transport needs to own.
     fn publish(
         &self,
         topic: &str,
-        payload: Vec<u8>,
+        payload: &[u8],
         qos: Qos,
         retain: bool,
     ) -> Result<(), PublishError>;
@@ -66,7 +67,8 @@ pub struct Frame {
     /// Daemon-assigned, per pipeline, increasing.
     pub id: u64,
     pub topic: String,
-    pub output_topic: String,
+    /// What the input filter's wildcards matched in `topic` (for the output topic template).
+    pub captures: Captures,
     pub seq: Option<u64>,
     pub ts: Option<f64>,
     pub received: Instant,
@@ -162,10 +164,12 @@ impl Pipeline {
     /// Decodes a message that matched this pipeline's filter and offers it to the queue.
     /// Returns the frame when it must wait for room (the `block` policy): the caller awaits
     /// [`FrameQueue::push_wait`] and passes the outcome to [`Pipeline::account_push`].
+    ///
+    /// The topic and captures are moved into the frame (no copy on the hot path).
     pub fn ingest(
         &self,
-        topic: &str,
-        captures: &Captures,
+        topic: String,
+        captures: Captures,
         payload: Bytes,
         publisher: &dyn Publisher,
     ) -> Option<Frame> {
@@ -175,22 +179,14 @@ impl Pipeline {
         let decoded = match self.decoder.decode(payload) {
             Ok(d) => d,
             Err(r) => {
-                self.reject(topic, &r, publisher);
+                self.reject(&topic, &r, publisher);
                 return None;
             }
         };
-        let mut output_topic = String::with_capacity(self.cfg.output.as_str().len() + topic.len());
-        self.cfg.output.render_into(
-            &mut output_topic,
-            &self.device_id,
-            &self.cfg.name,
-            topic,
-            captures,
-        );
         let frame = Frame {
             id: self.next_frame.fetch_add(1, Ordering::Relaxed),
-            topic: topic.to_string(),
-            output_topic,
+            topic,
+            captures,
             seq: decoded.seq,
             ts: decoded.ts,
             received,
@@ -247,7 +243,7 @@ impl Pipeline {
         };
         let Ok(payload) = serde_json::to_vec(&msg) else { return };
         let res = if wait {
-            publisher.publish(&self.error_topic, payload, Qos::AtMostOnce, false)
+            publisher.publish(&self.error_topic, &payload, Qos::AtMostOnce, false)
         } else {
             publisher.try_publish(&self.error_topic, payload, Qos::AtMostOnce, false)
         };

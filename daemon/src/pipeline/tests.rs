@@ -29,8 +29,8 @@ impl Recorder {
 }
 
 impl Publisher for Recorder {
-    fn publish(&self, topic: &str, payload: Vec<u8>, _: Qos, _: bool) -> Result<(), PublishError> {
-        self.msgs.lock().expect("lock").push((topic.to_string(), payload));
+    fn publish(&self, topic: &str, payload: &[u8], _: Qos, _: bool) -> Result<(), PublishError> {
+        self.msgs.lock().expect("lock").push((topic.to_string(), payload.to_vec()));
         Ok(())
     }
     fn try_publish(
@@ -40,7 +40,7 @@ impl Publisher for Recorder {
         q: Qos,
         r: bool,
     ) -> Result<(), PublishError> {
-        self.publish(topic, payload, q, r)
+        self.publish(topic, &payload, q, r)
     }
 }
 
@@ -99,7 +99,7 @@ fn json_frames_are_served_with_reference_outputs_and_labels() {
         let topic = format!("sensors/dev{i}/digits");
         let caps = filter.matches(&topic).expect("match");
         let payload = serde_json::json!({"seq": 100 + i, "ts": 5.5, "data": input}).to_string();
-        assert!(p.ingest(&topic, &caps, Bytes::from(payload), &*rec).is_none());
+        assert!(p.ingest(topic, caps, Bytes::from(payload), &*rec).is_none());
         wait_idle(&p);
     }
     let msgs = rec.take();
@@ -142,12 +142,12 @@ fn raw_frames_and_rejections_are_counted_and_reported() {
         TopicFilter::parse("sensors/+/digits").expect("f").matches("sensors/a/digits").expect("m");
     let (input, want) = sample(3);
     let raw: Vec<u8> = input.iter().flat_map(|f| f.to_le_bytes()).collect();
-    p.ingest("sensors/a/digits", &caps, Bytes::from(raw.clone()), &*rec);
-    p.ingest("sensors/a/digits", &caps, Bytes::from(raw[..255].to_vec()), &*rec);
-    p.ingest("sensors/a/digits", &caps, Bytes::new(), &*rec);
+    p.ingest("sensors/a/digits".into(), caps.clone(), Bytes::from(raw.clone()), &*rec);
+    p.ingest("sensors/a/digits".into(), caps.clone(), Bytes::from(raw[..255].to_vec()), &*rec);
+    p.ingest("sensors/a/digits".into(), caps.clone(), Bytes::new(), &*rec);
     let mut nan = raw.clone();
     nan[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    p.ingest("sensors/a/digits", &caps, Bytes::from(nan), &*rec);
+    p.ingest("sensors/a/digits".into(), caps.clone(), Bytes::from(nan), &*rec);
     wait_idle(&p);
     let msgs = rec.take();
     let errors: Vec<&serde_json::Value> = msgs
@@ -186,7 +186,7 @@ fn error_messages_are_rate_limited_and_the_excess_counted() {
     let rec = Recorder::default();
     let caps = crate::topic::Captures::new();
     for _ in 0..10 {
-        p.ingest("t", &caps, Bytes::from_static(b"{"), &rec);
+        p.ingest("t".into(), caps.clone(), Bytes::from_static(b"{"), &rec);
     }
     let published = rec.take().len() as u64;
     let suppressed = p.stats.errors_suppressed.load(Ordering::Relaxed);
@@ -206,7 +206,7 @@ fn full_queue_drops_are_counted_by_policy() {
     let (input, _) = sample(0);
     for seq in 0..5 {
         let payload = serde_json::json!({"seq": seq, "data": input}).to_string();
-        p.ingest("sensors/a/digits", &caps, Bytes::from(payload), &rec);
+        p.ingest("sensors/a/digits".into(), caps.clone(), Bytes::from(payload), &rec);
     }
     assert_eq!(p.stats.dropped(DropReason::QueueFull), 3);
     assert_eq!(p.queue.depth(), 2);
@@ -217,7 +217,7 @@ fn full_queue_drops_are_counted_by_policy() {
     let p = pipeline("[pipelines.digits.queue]\ncapacity = 2\npolicy = \"drop_newest\"\n");
     for seq in 0..5 {
         let payload = serde_json::json!({"seq": seq, "data": input}).to_string();
-        p.ingest("sensors/a/digits", &caps, Bytes::from(payload), &rec);
+        p.ingest("sensors/a/digits".into(), caps.clone(), Bytes::from(payload), &rec);
     }
     let seqs: Vec<Option<u64>> = p.queue.drain_remaining().into_iter().map(|f| f.seq).collect();
     assert_eq!(seqs, vec![Some(0), Some(1)]);

@@ -131,11 +131,12 @@ fn run(
     publisher: &dyn Publisher,
     progress: &AtomicU64,
 ) {
-    let mut buf = Vec::with_capacity(4096);
+    let mut scratch =
+        Scratch { payload: Vec::with_capacity(4096), topic: String::with_capacity(128) };
     loop {
         match p.queue.pop(IDLE_TICK) {
             Pop::Item(frame) => {
-                serve(p, &mut session, &mut writer, &mut buf, frame, publisher);
+                p.serve_frame(&mut session, &mut writer, &mut scratch, frame, publisher);
                 p.queue.done();
             }
             Pop::Timeout => {}
@@ -145,77 +146,94 @@ fn run(
     }
 }
 
-fn serve(
-    p: &Pipeline,
-    session: &mut Session,
-    writer: &mut ResultWriter,
-    buf: &mut Vec<u8>,
-    mut frame: Frame,
-    publisher: &dyn Publisher,
-) {
-    #[cfg(feature = "fault-hooks")]
-    crate::fault::maybe_wedge(frame.seq);
-    let picked = Instant::now();
-    let queue_wait = picked.saturating_duration_since(frame.received);
-    p.stats.queue_wait.record(queue_wait);
-    // One copy: wire bytes (or the JSON decoder's buffer) -> the session's input tensor.
-    for (i, bytes) in frame.inputs.iter().enumerate() {
-        let dst = session.input_mut(i);
-        if dst.len() != bytes.len() {
-            // The decoder sized the buffer from the same spec; this is a bug, not bad input.
+/// Per-worker reusable buffers: the serialized result and its output topic.
+#[derive(Default)]
+pub struct Scratch {
+    pub payload: Vec<u8>,
+    pub topic: String,
+}
+
+impl Pipeline {
+    /// Serves one dequeued frame on `session`: copy the input into the session's tensor, run,
+    /// serialize the result into `scratch`, hand it to the publisher, count. Public so tests and
+    /// benchmarks can drive the hot path without threads.
+    pub fn serve_frame(
+        &self,
+        session: &mut Session,
+        writer: &mut ResultWriter,
+        scratch: &mut Scratch,
+        mut frame: Frame,
+        publisher: &dyn Publisher,
+    ) {
+        #[cfg(feature = "fault-hooks")]
+        crate::fault::maybe_wedge(frame.seq);
+        let p = self;
+        let picked = Instant::now();
+        let queue_wait = picked.saturating_duration_since(frame.received);
+        p.stats.queue_wait.record(queue_wait);
+        // One copy: wire bytes (or the JSON decoder's buffer) -> the session's input tensor.
+        for (i, bytes) in frame.inputs.iter().enumerate() {
+            let dst = session.input_mut(i);
+            if dst.len() != bytes.len() {
+                // The decoder sized the buffer from the same spec; this is a bug, not bad input.
+                p.stats.fail(FailReason::Inference);
+                log::error!(pipeline = p.name(); "input {i} size mismatch {} != {}", dst.len(), bytes.len());
+                return;
+            }
+            dst.copy_from_slice(bytes);
+        }
+        // Release the MQTT packet buffer before the (long) inference.
+        frame.inputs.clear();
+        let t = Instant::now();
+        if let Err(e) = session.run() {
             p.stats.fail(FailReason::Inference);
-            log::error!(
-                "pipeline={} input {i} size mismatch {} != {}",
-                p.name(),
-                dst.len(),
-                bytes.len()
+            p.report_error(
+                publisher,
+                &frame.topic,
+                FailReason::Inference.as_str(),
+                &e.to_string(),
+                frame.seq,
+                true,
             );
             return;
         }
-        dst.copy_from_slice(bytes);
-    }
-    // Release the MQTT packet buffer before the (long) inference.
-    frame.inputs.clear();
-    let t = Instant::now();
-    if let Err(e) = session.run() {
-        p.stats.fail(FailReason::Inference);
-        p.report_error(
-            publisher,
-            &frame.topic,
-            FailReason::Inference.as_str(),
-            &e.to_string(),
-            frame.seq,
-            true,
-        );
-        return;
-    }
-    let inference = t.elapsed();
-    p.stats.inference.record(inference);
-    let total = frame.received.elapsed();
-    let meta = ResultMeta {
-        pipeline: p.name(),
-        topic: &frame.topic,
-        frame: frame.id,
-        seq: frame.seq,
-        ts: frame.ts,
-        received_us: frame.received_us,
-        queue_us: queue_wait.as_micros() as u64,
-        inference_us: inference.as_micros() as u64,
-        total_us: total.as_micros() as u64,
-    };
-    if let Err(e) = writer.write(buf, &meta, &p.model, session) {
-        p.stats.fail(FailReason::Publish);
-        log::error!(pipeline = p.name(); "cannot serialize result: {e}");
-        return;
-    }
-    match publisher.publish(&frame.output_topic, buf.clone(), p.cfg.qos, false) {
-        Ok(()) => {
-            p.stats.served.fetch_add(1, Ordering::Relaxed);
-            p.stats.total.record(total);
-        }
-        Err(e) => {
+        let inference = t.elapsed();
+        p.stats.inference.record(inference);
+        let total = frame.received.elapsed();
+        let meta = ResultMeta {
+            pipeline: p.name(),
+            topic: &frame.topic,
+            frame: frame.id,
+            seq: frame.seq,
+            ts: frame.ts,
+            received_us: frame.received_us,
+            queue_us: queue_wait.as_micros() as u64,
+            inference_us: inference.as_micros() as u64,
+            total_us: total.as_micros() as u64,
+        };
+        if let Err(e) = writer.write(&mut scratch.payload, &meta, &p.model, session) {
             p.stats.fail(FailReason::Publish);
-            log::debug!(pipeline = p.name(); "result for frame {} not published: {e}", frame.id);
+            log::error!(pipeline = p.name(); "cannot serialize result: {e}");
+            return;
+        }
+        p.cfg.output.render_into(
+            &mut scratch.topic,
+            &p.device_id,
+            p.name(),
+            &frame.topic,
+            &frame.captures,
+        );
+        // Handing the message to the MQTT client copies topic and payload into its own request
+        // (rumqttc owns what it sends); everything before this point reuses buffers.
+        match publisher.publish(&scratch.topic, &scratch.payload, p.cfg.qos, false) {
+            Ok(()) => {
+                p.stats.served.fetch_add(1, Ordering::Relaxed);
+                p.stats.total.record(total);
+            }
+            Err(e) => {
+                p.stats.fail(FailReason::Publish);
+                log::debug!(pipeline = p.name(); "result for frame {} not published: {e}", frame.id);
+            }
         }
     }
 }
