@@ -63,6 +63,16 @@ pub enum Command {
         /// Timed inference runs on zero inputs (0 to skip).
         #[arg(long, default_value_t = 50)]
         runs: usize,
+        /// Batch size on the leading axis (models whose batch axis is symbolic); per-frame time
+        /// is reported as run time / batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Threads per inference (tract's multithread executor; needs the `multithread` feature).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Run in f16 (weights and activations converted from f32).
+        #[arg(long)]
+        f16: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -98,8 +108,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Inspect { model, input_shapes, runs, json } => {
-            inspect(&model, &input_shapes, runs, json)
+        Command::Inspect { model, input_shapes, runs, batch, threads, f16, json } => {
+            inspect(&model, &input_shapes, runs, json, Levers { batch, threads, half: f16 })
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(&args),
@@ -192,7 +202,15 @@ fn parse_shape_arg(s: &str) -> Result<(String, Vec<usize>), String> {
     Ok((name.to_string(), dims))
 }
 
-fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool) -> ExitCode {
+/// Performance levers `inspect` can measure.
+#[derive(Debug, Clone, Copy)]
+struct Levers {
+    batch: usize,
+    threads: usize,
+    half: bool,
+}
+
+fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Levers) -> ExitCode {
     let mut input_shapes = BTreeMap::new();
     for s in shapes {
         match parse_shape_arg(s) {
@@ -205,7 +223,29 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool) -> ExitCode 
             }
         }
     }
-    let opts = LoadOptions { input_shapes, ..LoadOptions::default() };
+    let mut opts = LoadOptions {
+        input_shapes,
+        threads: levers.threads,
+        half: levers.half,
+        ..LoadOptions::default()
+    };
+    if levers.batch > 1 {
+        // Find the inputs' declared shapes first, then ask for the batch on the leading axis.
+        let probe = match Model::load(path, &opts) {
+            Ok(m) => m,
+            Err(e) => {
+                report(&e);
+                return ExitCode::from(EX_FAILURE);
+            }
+        };
+        for i in &probe.inputs {
+            let mut shape = i.shape.clone();
+            if let Some(first) = shape.first_mut() {
+                *first = levers.batch;
+            }
+            opts.input_shapes.entry(i.name.clone()).or_insert(shape);
+        }
+    }
     let model = match Model::load(path, &opts) {
         Ok(m) => m,
         Err(e) => {
@@ -213,7 +253,7 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool) -> ExitCode 
             return ExitCode::from(EX_FAILURE);
         }
     };
-    let timings = match time_runs(&model, runs) {
+    let timings = match time_runs(&model, runs, levers.batch.max(1)) {
         Ok(t) => t,
         Err(e) => {
             report(&e);
@@ -235,7 +275,9 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool) -> ExitCode 
             "operators": model.op_histogram,
             "load_us": model.load_time.as_micros() as u64,
             "optimize_us": model.optimize_time.as_micros() as u64,
+            "levers": {"batch": levers.batch, "threads": levers.threads, "f16": levers.half},
             "inference": timings.as_ref().map(|t| serde_json::json!({
+                "per_frame": true,
                 "runs": t.runs, "mean_us": t.mean.as_micros() as u64, "p50_us": t.p50.as_micros() as u64,
                 "p99_us": t.p99.as_micros() as u64, "min_us": t.min.as_micros() as u64,
             })),
@@ -272,8 +314,15 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool) -> ExitCode 
     println!("optimize  {:?}", model.optimize_time);
     if let Some(t) = timings {
         println!(
-            "inference {} runs, 1 thread: mean {:?}, p50 {:?}, p99 {:?}, min {:?}",
-            t.runs, t.mean, t.p50, t.p99, t.min
+            "inference {} runs, batch {}, {} thread(s){}: per frame mean {:?}, p50 {:?}, p99 {:?}, min {:?}",
+            t.runs,
+            levers.batch,
+            levers.threads,
+            if levers.half { ", f16" } else { "" },
+            t.mean,
+            t.p50,
+            t.p99,
+            t.min
         );
     }
     ExitCode::SUCCESS
@@ -287,7 +336,12 @@ struct Timings {
     min: Duration,
 }
 
-fn time_runs(model: &Model, runs: usize) -> Result<Option<Timings>, crate::model::ModelError> {
+/// Times `runs` inferences; with a batch, times are per frame (run time / batch).
+fn time_runs(
+    model: &Model,
+    runs: usize,
+    batch: usize,
+) -> Result<Option<Timings>, crate::model::ModelError> {
     if runs == 0 {
         return Ok(None);
     }
@@ -299,7 +353,7 @@ fn time_runs(model: &Model, runs: usize) -> Result<Option<Timings>, crate::model
     for _ in 0..runs {
         let t = Instant::now();
         s.run()?;
-        let d = t.elapsed();
+        let d = t.elapsed() / batch as u32;
         h.record(d);
         min = min.min(d);
         sum += d;

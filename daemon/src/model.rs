@@ -204,6 +204,12 @@ pub struct LoadOptions {
     pub version: Option<String>,
     /// Concrete shapes for inputs with symbolic or unknown dimensions.
     pub input_shapes: BTreeMap<String, Vec<usize>>,
+    /// Threads for one inference (tract's multithread executor); 0 or 1: single-threaded, which
+    /// is how workers run (throughput comes from one worker per core).
+    pub threads: usize,
+    /// Convert f32 weights and activations to f16 (fast on ARMv8.2+ with fp16 arithmetic; the
+    /// model's float inputs and outputs become f16 too).
+    pub half: bool,
 }
 
 /// A loaded, optimized, runnable model. Cheap to share between workers (`Arc` inside).
@@ -351,7 +357,34 @@ impl Model {
         let t1 = Instant::now();
         let oerr =
             |e: TractError| ModelError::Optimize { path: path.into(), detail: format!("{e:#}") };
-        let typed = model.into_optimized().map_err(oerr)?;
+        let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(oerr)?;
+        if opts.half {
+            use tract_onnx::tract_core::transform::ModelTransform;
+            tract_onnx::tract_core::floats::FloatPrecisionTranslator::new(
+                DatumType::F32,
+                DatumType::F16,
+            )
+            .transform(&mut typed)
+            .map_err(oerr)?;
+        }
+        let typed = typed.into_optimized().map_err(oerr)?;
+        let inputs: Vec<TensorSpec> = if opts.half {
+            // The translator turned float inputs into f16: report what the plan now takes.
+            inputs
+                .into_iter()
+                .enumerate()
+                .map(|(ix, mut spec)| {
+                    if let Some(dt) =
+                        typed.input_fact(ix).ok().and_then(|f| DType::from_tract(f.datum_type))
+                    {
+                        spec.dtype = dt;
+                    }
+                    spec
+                })
+                .collect()
+        } else {
+            inputs
+        };
         let optimized_nodes = typed.nodes().len();
         let mut outputs = Vec::with_capacity(output_names.len());
         for (ix, name) in output_names.into_iter().enumerate() {
@@ -373,7 +406,11 @@ impl Model {
             let declared = shape.iter().map(|d| Dim::Fixed(*d)).collect();
             outputs.push(TensorSpec { name, dtype, shape, declared });
         }
-        let plan = typed.into_runnable().map_err(oerr)?;
+        let plan = if opts.threads > 1 {
+            typed.into_runnable_with_options(&multithread_options(opts.threads)?).map_err(oerr)?
+        } else {
+            typed.into_runnable().map_err(oerr)?
+        };
         let optimize_time = t1.elapsed();
 
         let version = opts
@@ -425,6 +462,22 @@ impl Model {
         s.run()?;
         Ok(t.elapsed())
     }
+}
+
+#[cfg(feature = "multithread")]
+fn multithread_options(n: usize) -> Result<RunOptions, ModelError> {
+    Ok(RunOptions {
+        executor: Some(tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(n)),
+        ..RunOptions::default()
+    })
+}
+
+#[cfg(not(feature = "multithread"))]
+fn multithread_options(n: usize) -> Result<RunOptions, ModelError> {
+    Err(ModelError::Optimize {
+        path: PathBuf::new(),
+        detail: format!("{n} threads per inference needs a build with the `multithread` feature"),
+    })
 }
 
 /// Picks the concrete shape of one input: the config's when given (it must agree with every fixed

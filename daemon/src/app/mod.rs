@@ -146,6 +146,7 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
             name: pc.name.clone(),
             version: pc.model_version.clone(),
             input_shapes: pc.input_shapes.clone(),
+            ..LoadOptions::default()
         };
         let model = Model::load(&pc.model, &opts)
             .map_err(|source| AppError::Model { pipeline: pc.name.clone(), source })?;
@@ -291,6 +292,9 @@ impl App {
         eventloop
             .network_options
             .set_connection_timeout(self.config.broker.connect_timeout.as_secs().max(1));
+        // Results are small and latency is the product: without TCP_NODELAY, Nagle's algorithm
+        // and the broker's delayed ACKs hold a result back for up to ~40 ms.
+        eventloop.network_options.set_tcp_nodelay(true);
         let publisher: Arc<dyn Publisher> =
             Arc::new(MqttPublisher::new(client.clone(), Duration::from_secs(5)));
 
