@@ -88,8 +88,15 @@ fn measure(format: &str, frames: usize) -> (f64, f64) {
         Model::load(&pc.model, &LoadOptions { name: pc.name.clone(), ..Default::default() })
             .expect("model");
     let labels: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    let p = Pipeline::new(pc.clone(), model.clone(), labels.clone(), &cfg.device_id, &cfg.errors)
-        .expect("pipeline");
+    let p = Pipeline::new(
+        pc.clone(),
+        model.clone(),
+        labels.clone(),
+        &cfg.device_id,
+        &cfg.errors,
+        cfg.metrics.max_clock_skew,
+    )
+    .expect("pipeline");
     let publisher = CountingPublisher(AtomicU64::new(0));
     let mut session = model.session().expect("session");
     let mut writer = ResultWriter::new(pc.postprocess.clone(), labels, &model).expect("writer");

@@ -5,6 +5,7 @@ mod cli;
 mod lifecycle;
 mod malformed;
 mod models;
+mod overload;
 mod queueing;
 mod routing;
 mod system;

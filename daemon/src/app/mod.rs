@@ -6,6 +6,7 @@
 //! frames to pipelines, publishes health and metrics, feeds the systemd watchdog, and drains on
 //! SIGTERM/SIGINT.
 
+mod control;
 mod serve;
 mod status;
 pub mod system;
@@ -186,9 +187,16 @@ fn build_pipelines(config: &Config, loaded: Loaded) -> Result<Vec<Arc<Pipeline>>
         .iter()
         .zip(loaded)
         .map(|(pc, (model, labels))| {
-            Pipeline::new(pc.clone(), model, labels, &config.device_id, &config.errors)
-                .map(Arc::new)
-                .map_err(|message| AppError::Mismatch { pipeline: pc.name.clone(), message })
+            Pipeline::new(
+                pc.clone(),
+                model,
+                labels,
+                &config.device_id,
+                &config.errors,
+                config.metrics.max_clock_skew,
+            )
+            .map(Arc::new)
+            .map_err(|message| AppError::Mismatch { pipeline: pc.name.clone(), message })
         })
         .collect()
 }

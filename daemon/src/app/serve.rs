@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_until};
 
-use super::{App, AppError, StopHandle, status};
+use super::{App, AppError, StopHandle, control, status};
 use crate::config::Qos;
 use crate::mqtt;
 use crate::pipeline::{Publisher, WorkerHandle};
@@ -153,6 +153,9 @@ pub(super) async fn serve(
     let metrics_every = cfg.metrics.interval.unwrap_or(Duration::from_secs(3600));
     let mut metrics = interval_at(Instant::now() + metrics_every, metrics_every);
     metrics.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut control_tick = interval(control::period(app));
+    control_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut control_state = control::ControlState::new(app);
     let mut drain_check = interval(Duration::from_millis(20));
     let watchdog_period = if notifier.enabled() { notify::watchdog_period() } else { None };
     let mut watchdog = watchdog_period.map(|period| Watchdog {
@@ -289,6 +292,12 @@ pub(super) async fn serve(
             _ = metrics.tick(), if cfg.metrics.interval.is_some() => {
                 if link.connected {
                     let _ = publisher.try_publish(&metrics_topic, status::metrics(app), Qos::AtMostOnce, false);
+                }
+            }
+
+            _ = control_tick.tick() => {
+                if control::step(app, &mut control_state) {
+                    let _ = notifier.status(&status::status_line(app, link.connected));
                 }
             }
 

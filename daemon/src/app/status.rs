@@ -6,8 +6,60 @@ use std::time::SystemTime;
 use serde_json::{Map, Value, json};
 
 use super::App;
+use crate::pipeline::Pipeline;
 use crate::pipeline::output::unix_us;
+use crate::sys::procfs;
 use crate::telemetry::{LatencySummary, histogram_json, rss_bytes};
+
+/// Where the kernel's process and hardware views are mounted.
+const PROC_ROOT: &str = "/proc";
+const SYS_ROOT: &str = "/sys";
+
+/// The SLO evaluation of a pipeline (`null` without objectives).
+fn slo_json(p: &Pipeline) -> Value {
+    let t = p.slo.lock().unwrap_or_else(|e| e.into_inner());
+    t.as_ref().map_or(Value::Null, |t| serde_json::to_value(t.report()).unwrap_or(Value::Null))
+}
+
+/// The overload controller's decisions, and the devices shed most.
+fn overload_json(p: &Pipeline) -> Value {
+    if !p.adaptive() {
+        let why = if p.cfg.overload.adaptive {
+            "no latency objective (slo.latency) to steer to"
+        } else {
+            "switched off (overload.adaptive = false)"
+        };
+        return json!({"enabled": false, "reason": why});
+    }
+    let c = p.controller.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v = serde_json::to_value(c.status()).unwrap_or(Value::Null);
+    drop(c);
+    if let Value::Object(o) = &mut v {
+        let top: Vec<Value> = p
+            .shedder
+            .top_shed(5)
+            .into_iter()
+            .map(|(device, admitted, shed)| json!({"device": device, "admitted": admitted, "shed": shed}))
+            .collect();
+        o.insert("top_shed".into(), Value::Array(top));
+        o.insert("enabled".into(), json!(true));
+    }
+    v
+}
+
+/// Process and host readings (CPU time, threads, clock frequencies, temperatures).
+fn process_json() -> Value {
+    procfs::read_process(std::path::Path::new(PROC_ROOT))
+        .ok()
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn host_json(app: &App) -> Value {
+    let cpus = app.system.allowed_cpus.to_vec();
+    serde_json::to_value(procfs::read_host(std::path::Path::new(SYS_ROOT), Some(&cpus)))
+        .unwrap_or(Value::Null)
+}
 
 /// Whether the broker connection and the pipelines look healthy.
 pub fn online(app: &App) -> Vec<u8> {
@@ -25,14 +77,19 @@ pub fn online(app: &App) -> Vec<u8> {
                     "depth": p.queue.depth(),
                     "in_flight": p.queue.in_flight(),
                     "capacity": p.queue.capacity(),
+                    "limit": p.queue.limit(),
                     "policy": p.queue.policy().as_str(),
                 },
                 "counters": s.counters_json(),
                 "latency_us": {
                     "queue_wait": LatencySummary::of(&s.queue_wait.snapshot()),
                     "inference": LatencySummary::of(&s.inference.snapshot()),
+                    "service": LatencySummary::of(&s.service.snapshot()),
                     "total": LatencySummary::of(&s.total.snapshot()),
+                    "end_to_end": LatencySummary::of(&s.end_to_end.snapshot()),
                 },
+                "slo": slo_json(p),
+                "overload": overload_json(p),
             }),
         );
     }
@@ -45,6 +102,8 @@ pub fn online(app: &App) -> Vec<u8> {
         "at_us": unix_us(SystemTime::now()),
         "uptime_s": app.started.elapsed().as_secs(),
         "rss_bytes": rss_bytes(),
+        "process": process_json(),
+        "host": host_json(app),
         "transport": transport(app),
         "system": app.system.to_json(),
         "pipelines": Value::Object(pipelines),
@@ -65,8 +124,17 @@ pub fn status_line(app: &App, connected: bool) -> String {
         .map_or("-".to_string(), |d| format!("{:.1}ms", d.as_secs_f64() * 1000.0));
     let models: Vec<String> =
         app.pipelines.iter().map(|p| format!("{}@{}", p.model.name, p.model.version)).collect();
+    let slo: Vec<String> = app
+        .pipelines
+        .iter()
+        .filter_map(|p| {
+            let t = p.slo.lock().unwrap_or_else(|e| e.into_inner());
+            t.as_ref().map(|t| format!("{} {}", p.name(), t.state().as_str()))
+        })
+        .collect();
+    let slo = if slo.is_empty() { String::new() } else { format!("; slo {}", slo.join(", ")) };
     format!(
-        "{}; {} pipeline(s) [{}]; {served} served, {rate:.1}/s avg; p99 {p99}",
+        "{}; {} pipeline(s) [{}]; {served} served, {rate:.1}/s avg; p99 {p99}{slo}",
         if connected { "online" } else { "waiting for broker" },
         app.pipelines.len(),
         models.join(", ")
@@ -105,15 +173,20 @@ pub fn metrics(app: &App) -> Vec<u8> {
         let mut c = s.counters_json();
         if let Value::Object(o) = &mut c {
             o.insert("queue_depth".into(), json!(p.queue.depth()));
+            o.insert("queue_limit".into(), json!(p.queue.limit()));
             o.insert("in_flight".into(), json!(p.queue.in_flight()));
             o.insert(
                 "histograms".into(),
                 json!({
                     "queue_wait": histogram_json(&s.queue_wait.snapshot()),
                     "inference": histogram_json(&s.inference.snapshot()),
+                    "service": histogram_json(&s.service.snapshot()),
                     "total": histogram_json(&s.total.snapshot()),
+                    "end_to_end": histogram_json(&s.end_to_end.snapshot()),
                 }),
             );
+            o.insert("slo".into(), slo_json(p));
+            o.insert("overload".into(), overload_json(p));
         }
         pipelines.insert(p.name().to_string(), c);
     }
@@ -122,6 +195,8 @@ pub fn metrics(app: &App) -> Vec<u8> {
         "at_us": unix_us(SystemTime::now()),
         "uptime_s": app.started.elapsed().as_secs(),
         "rss_bytes": rss_bytes(),
+        "process": process_json(),
+        "host": host_json(app),
         "histogram": {"schema": "log2/4", "first_bound_ns": 1000, "buckets_per_doubling": 4},
         "transport": transport(app),
         "cgroup": app.system.cgroup_dir.as_deref().map(crate::sys::cgroup::read_stats),

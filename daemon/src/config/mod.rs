@@ -202,6 +202,11 @@ pub struct HealthConfig {
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub topic: TopicTemplate,
+    /// Address of the Prometheus text endpoint (`GET /metrics`); `None`: no HTTP endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+    /// A device timestamp further than this from the daemon's clock (either way) is not trusted
+    /// for end-to-end latency or frame age; such frames are counted as `clock_skew`.
+    pub max_clock_skew: Duration,
     /// `None` disables the periodic metrics message.
     pub interval: Option<Duration>,
 }
@@ -313,6 +318,51 @@ pub struct PipelineConfig {
     pub cpus: Vec<usize>,
     pub queue: QueueConfig,
     pub postprocess: PostProcess,
+    /// Frames older than this when a worker picks them up are dropped as `expired` (age from
+    /// the device timestamp when trusted, else from arrival).
+    pub max_age: Option<Duration>,
+    /// Time from arrival by which a result is still useful; a frame that cannot make it is
+    /// dropped as `deadline_missed`. A frame's own `deadline_ms` overrides it.
+    pub deadline: Option<Duration>,
+    pub slo: SloConfig,
+    pub overload: OverloadConfig,
+}
+
+/// Service-level objectives of one pipeline (see `telemetry::slo`).
+#[derive(Debug, Clone, Default)]
+pub struct SloConfig {
+    pub latency: Option<LatencySlo>,
+    pub served: Option<ServedSlo>,
+    /// Fewer events than this in a window give no verdict (state stays `ok`).
+    pub min_frames: u64,
+}
+
+/// `quantile` of arrival -> result latency within `objective` over `window`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySlo {
+    pub objective: Duration,
+    pub quantile: f64,
+    pub window: Duration,
+}
+
+/// At least `ratio` of valid frames served over `window`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedSlo {
+    pub ratio: f64,
+    pub window: Duration,
+}
+
+/// Adaptive overload control of one pipeline (see `pipeline::overload`).
+#[derive(Debug, Clone)]
+pub struct OverloadConfig {
+    pub adaptive: bool,
+    pub interval: Duration,
+}
+
+impl Default for OverloadConfig {
+    fn default() -> Self {
+        OverloadConfig { adaptive: true, interval: Duration::from_millis(250) }
+    }
 }
 
 impl Config {
@@ -460,10 +510,40 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
             .as_mut()
             .and_then(|s| s.duration(p, "interval", Duration::ZERO, Duration::from_secs(3600)))
             .unwrap_or(Duration::from_secs(10));
+        let listen = s.as_mut().and_then(|s| {
+            let text = s.string(p, "listen")?;
+            match text.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p.push(
+                        s.key("listen"),
+                        Some(&Value::String(text.into())),
+                        "expected an IP address and port, e.g. \"127.0.0.1:9464\" (\"[::1]:9464\" for IPv6)",
+                    );
+                    None
+                }
+            }
+        });
+        let max_clock_skew = s
+            .as_mut()
+            .and_then(|s| {
+                s.duration(
+                    p,
+                    "max_clock_skew",
+                    Duration::from_millis(1),
+                    Duration::from_secs(86400),
+                )
+            })
+            .unwrap_or(Duration::from_secs(2));
         if let Some(s) = s {
             s.finish(p);
         }
-        MetricsConfig { topic, interval: (!interval.is_zero()).then_some(interval) }
+        MetricsConfig {
+            topic,
+            listen,
+            max_clock_skew,
+            interval: (!interval.is_zero()).then_some(interval),
+        }
     };
 
     let errors = {
@@ -958,8 +1038,64 @@ fn pipeline(
             out
         }
     };
+    let max_age = s.duration(p, "max_age", Duration::from_millis(1), Duration::from_secs(86400));
+    let deadline = s.duration(p, "deadline", Duration::from_millis(1), Duration::from_secs(86400));
+    let slo = match s.table(p, "slo") {
+        None => SloConfig::default(),
+        Some(mut t) => {
+            let objective =
+                t.duration(p, "latency", Duration::from_micros(100), Duration::from_secs(3600));
+            let quantile = t.float(p, "latency_quantile", 0.5, 0.99999).unwrap_or(0.99);
+            let latency_window = t
+                .duration(
+                    p,
+                    "latency_window",
+                    Duration::from_secs(1),
+                    Duration::from_secs(86400 * 7),
+                )
+                .unwrap_or(Duration::from_secs(300));
+            let served = t.float(p, "served", 0.5, 0.99999);
+            let served_window = t
+                .duration(
+                    p,
+                    "served_window",
+                    Duration::from_secs(1),
+                    Duration::from_secs(86400 * 7),
+                )
+                .unwrap_or(Duration::from_secs(3600));
+            let min_frames = t.int(p, "min_frames", 1, 1 << 30).map_or(100, |n| n as u64);
+            t.finish(p);
+            SloConfig {
+                latency: objective.map(|objective| LatencySlo {
+                    objective,
+                    quantile,
+                    window: latency_window,
+                }),
+                served: served.map(|ratio| ServedSlo { ratio, window: served_window }),
+                min_frames,
+            }
+        }
+    };
+    let overload = match s.table(p, "overload") {
+        None => OverloadConfig::default(),
+        Some(mut t) => {
+            let d = OverloadConfig::default();
+            let c = OverloadConfig {
+                adaptive: t.bool(p, "adaptive").unwrap_or(d.adaptive),
+                interval: t
+                    .duration(p, "interval", Duration::from_millis(10), Duration::from_secs(60))
+                    .unwrap_or(d.interval),
+            };
+            t.finish(p);
+            c
+        }
+    };
     s.finish(p);
     Some(PipelineConfig {
+        max_age,
+        deadline,
+        slo,
+        overload,
         name: name.to_string(),
         model: model?,
         model_version,

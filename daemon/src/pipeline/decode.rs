@@ -31,6 +31,8 @@ pub struct Decoded {
     pub seq: Option<u64>,
     /// Device timestamp, milliseconds since the Unix epoch.
     pub ts: Option<f64>,
+    /// The frame's own deadline, milliseconds after arrival.
+    pub deadline_ms: Option<f64>,
     pub inputs: SmallVec<[Bytes; 2]>,
 }
 
@@ -126,7 +128,7 @@ impl Decoder {
         }
         let mut inputs = SmallVec::new();
         inputs.push(payload);
-        Ok(Decoded { seq: None, ts: None, inputs })
+        Ok(Decoded { seq: None, ts: None, deadline_ms: None, inputs })
     }
 
     fn decode_json(&self, payload: &[u8]) -> Result<Decoded, Reject> {
@@ -136,6 +138,8 @@ impl Decoder {
             seq: Option<u64>,
             #[serde(default)]
             ts: Option<f64>,
+            #[serde(default)]
+            deadline_ms: Option<f64>,
             #[serde(borrow, default)]
             data: Option<&'a RawValue>,
             #[serde(borrow, default)]
@@ -205,7 +209,9 @@ impl Decoder {
                 }
             }
         }
-        Ok(Decoded { seq: frame.seq, ts: frame.ts, inputs })
+        // A negative or non-finite budget is meaningless; ignoring it serves the frame normally.
+        let deadline_ms = frame.deadline_ms.filter(|d| d.is_finite() && *d >= 0.0);
+        Ok(Decoded { seq: frame.seq, ts: frame.ts, deadline_ms, inputs })
     }
 
     /// Parses one JSON array into `spec`'s little-endian byte layout.

@@ -8,22 +8,25 @@
 
 pub mod decode;
 pub mod output;
+pub mod overload;
 pub mod queue;
 mod worker;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use smallvec::SmallVec;
 
 use crate::config::{ErrorsConfig, PipelineConfig, PostProcess, Qos};
 use crate::model::Model;
+use crate::telemetry::slo::SloTracker;
 use crate::telemetry::{DropReason, PipelineStats};
 use crate::topic::Captures;
 use decode::{Decoder, Reject};
 use output::{ErrorMsg, unix_us};
+use overload::{Controller, Shedder};
 use queue::{FrameQueue, Push};
 pub use worker::{Placement, Scratch, WorkerHandle};
 
@@ -73,6 +76,10 @@ pub struct Frame {
     pub ts: Option<f64>,
     pub received: Instant,
     pub received_us: u64,
+    /// How old the frame was on arrival by the device's clock (`ts` within the skew guard).
+    pub device_age: Option<Duration>,
+    /// When a result stops being useful (pipeline `deadline` or the frame's `deadline_ms`).
+    pub deadline: Option<Instant>,
     /// One buffer per model input, in the model's dtype and layout.
     pub inputs: SmallVec<[Bytes; 2]>,
 }
@@ -107,6 +114,16 @@ pub struct Pipeline {
     error_topic: String,
     errors: ErrorLimiter,
     next_frame: AtomicU64,
+    max_clock_skew: Duration,
+    /// Per-device admission (used when `overload.adaptive`).
+    pub shedder: Shedder,
+    /// The overload controller's state; ticked by `app`.
+    pub controller: Mutex<Controller>,
+    /// SLO evaluation; ticked by `app` (`None`: no objectives configured).
+    pub slo: Mutex<Option<SloTracker>>,
+    /// Expected worker time per frame in nanoseconds (from the controller; 0: unknown), for
+    /// deciding at dequeue whether a frame can still meet its deadline.
+    pub expected_service_ns: AtomicU64,
 }
 
 impl Pipeline {
@@ -118,6 +135,7 @@ impl Pipeline {
         labels: Vec<String>,
         device_id: &str,
         errors: &ErrorsConfig,
+        max_clock_skew: Duration,
     ) -> Result<Pipeline, String> {
         let decoder = Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?;
         // Validate the post-processing against the model now rather than on the first frame.
@@ -139,8 +157,17 @@ impl Pipeline {
                 );
             }
         }
+        let stats = PipelineStats::default();
+        if let Some(l) = &cfg.slo.latency {
+            stats.slo_threshold_ns.store(l.objective.as_nanos() as u64, Ordering::Relaxed);
+        }
         Ok(Pipeline {
             queue: FrameQueue::new(cfg.queue.capacity, cfg.queue.policy),
+            slo: Mutex::new(SloTracker::new(&cfg.slo)),
+            shedder: Shedder::default(),
+            controller: Mutex::new(Controller::default()),
+            expected_service_ns: AtomicU64::new(0),
+            max_clock_skew,
             error_topic: errors.topic.render(device_id, &cfg.name),
             errors: ErrorLimiter {
                 limit: errors.rate_limit,
@@ -149,7 +176,7 @@ impl Pipeline {
             },
             cfg,
             model,
-            stats: PipelineStats::default(),
+            stats,
             decoder,
             labels,
             device_id: device_id.to_string(),
@@ -159,6 +186,13 @@ impl Pipeline {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// Whether adaptive overload control steers this pipeline: switched on (the default) and
+    /// given a latency objective to steer to. Without an objective the queue's capacity and
+    /// policy alone bound the backlog (nothing is shed behind the configuration's back).
+    pub fn adaptive(&self) -> bool {
+        self.cfg.overload.adaptive && self.cfg.slo.latency.is_some()
     }
 
     /// Decodes a message that matched this pipeline's filter and offers it to the queue.
@@ -176,6 +210,12 @@ impl Pipeline {
         let received = Instant::now();
         let received_us = unix_us(SystemTime::now());
         self.stats.received.fetch_add(1, Ordering::Relaxed);
+        // Shedding comes before decoding: under overload, decoding frames only to drop them
+        // would spend the ingest task's CPU on exactly the work being refused.
+        if self.adaptive() && !self.shedder.admit(device_key(&topic, &captures)) {
+            self.stats.drop_frame(DropReason::Shed);
+            return None;
+        }
         let decoded = match self.decoder.decode(payload) {
             Ok(d) => d,
             Err(r) => {
@@ -191,6 +231,12 @@ impl Pipeline {
             ts: decoded.ts,
             received,
             received_us,
+            device_age: decoded.ts.and_then(|ts| self.device_age(ts, received_us)),
+            deadline: decoded
+                .deadline_ms
+                .map(|ms| Duration::from_secs_f64(ms.min(1e9) / 1000.0))
+                .or(self.cfg.deadline)
+                .map(|d| received + d),
             inputs: decoded.inputs,
         };
         if self.cfg.queue.policy == crate::config::DropPolicy::Block {
@@ -203,6 +249,18 @@ impl Pipeline {
             self.account_push(outcome);
         }
         None
+    }
+
+    /// The frame's age at arrival by the device clock, when its timestamp is within the skew
+    /// guard; otherwise counts a `clock_skew` and returns `None` (arrival time is used).
+    fn device_age(&self, ts_ms: f64, received_us: u64) -> Option<Duration> {
+        let diff_s = (received_us as f64 / 1000.0 - ts_ms) / 1000.0;
+        if diff_s.is_finite() && diff_s.abs() <= self.max_clock_skew.as_secs_f64() {
+            Some(Duration::from_secs_f64(diff_s.max(0.0)))
+        } else {
+            self.stats.clock_skew.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 
     /// Counts what a push did (evictions and refusals are drops, never silent).
@@ -261,6 +319,12 @@ impl Pipeline {
     ) -> Result<Vec<WorkerHandle>, String> {
         worker::start(self, publisher, placements)
     }
+}
+
+/// The device a frame comes from, for fair shedding: what the input filter's first wildcard
+/// matched (`sensors/+/frames` -> the device id), else the whole topic.
+pub fn device_key<'a>(topic: &'a str, captures: &Captures) -> &'a str {
+    captures.first().and_then(|r| topic.get(r.clone())).unwrap_or(topic)
 }
 
 #[cfg(test)]

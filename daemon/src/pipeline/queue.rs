@@ -7,6 +7,7 @@
 //! worker has taken but not finished, so shutdown can tell when everything is served.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ pub struct FrameQueue<T> {
     /// Signalled whenever an item leaves the queue or an in-flight item completes.
     changed: Notify,
     capacity: usize,
+    /// Effective capacity (<= `capacity`), lowered by the overload controller.
+    limit: AtomicUsize,
     policy: DropPolicy,
 }
 
@@ -64,6 +67,7 @@ impl<T> FrameQueue<T> {
             not_empty: Condvar::new(),
             changed: Notify::new(),
             capacity: capacity.max(1),
+            limit: AtomicUsize::new(capacity.max(1)),
             policy,
         }
     }
@@ -76,6 +80,27 @@ impl<T> FrameQueue<T> {
 
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The effective capacity now (the configured one unless the controller lowered it).
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Sets the effective capacity (clamped to 1..=capacity) and, when it shrank below what is
+    /// queued, removes the oldest excess items (returned, for the caller to count).
+    pub fn set_limit(&self, limit: usize) -> Vec<T> {
+        let limit = limit.clamp(1, self.capacity);
+        self.limit.store(limit, Ordering::Relaxed);
+        let mut g = self.lock();
+        let excess = g.items.len().saturating_sub(limit);
+        if excess == 0 {
+            return Vec::new();
+        }
+        let out: Vec<T> = g.items.drain(..excess).collect();
+        drop(g);
+        self.changed.notify_waiters();
+        out
     }
 
     pub fn policy(&self) -> DropPolicy {
@@ -99,7 +124,7 @@ impl<T> FrameQueue<T> {
         if g.closed {
             return Push::Closed(item);
         }
-        if g.items.len() < self.capacity {
+        if g.items.len() < self.limit.load(Ordering::Relaxed) {
             g.items.push_back(item);
             drop(g);
             self.not_empty.notify_one();
@@ -107,6 +132,8 @@ impl<T> FrameQueue<T> {
         }
         match self.policy {
             DropPolicy::DropOldest => {
+                // Above the limit after it shrank: evict down to it (the excess is returned as
+                // one eviction per push until the queue fits again).
                 let old = g.items.pop_front();
                 g.items.push_back(item);
                 drop(g);
@@ -210,6 +237,22 @@ mod tests {
         assert!(matches!(q.pop(Duration::ZERO), Pop::Item(2)));
         assert!(matches!(q.pop(Duration::ZERO), Pop::Item(3)));
         assert!(matches!(q.pop(Duration::ZERO), Pop::Timeout));
+    }
+
+    #[test]
+    fn a_lowered_limit_trims_the_oldest_and_bounds_new_pushes() {
+        let q = FrameQueue::new(8, DropPolicy::DropOldest);
+        for i in 0..6 {
+            assert!(matches!(q.push(i), Push::Queued));
+        }
+        assert_eq!(q.set_limit(2), vec![0, 1, 2, 3]);
+        assert_eq!((q.depth(), q.limit()), (2, 2));
+        assert!(matches!(q.push(6), Push::Evicted(4)));
+        assert_eq!(q.set_limit(100), Vec::<i32>::new());
+        assert_eq!(q.limit(), 8, "clamped to the configured capacity");
+        assert!(matches!(q.push(7), Push::Queued));
+        assert_eq!(q.set_limit(0), vec![5, 6]);
+        assert_eq!(q.limit(), 1, "never below one");
     }
 
     #[test]

@@ -64,7 +64,10 @@ output = "out/{{device}}/{{pipeline}}/{{1}}"
     let labels = output::read_labels(
         &std::fs::read_to_string(fixture("digits/labels.txt")).expect("labels"),
     );
-    Arc::new(Pipeline::new(pc, model, labels, &cfg.device_id, &cfg.errors).expect("pipeline"))
+    Arc::new(
+        Pipeline::new(pc, model, labels, &cfg.device_id, &cfg.errors, cfg.metrics.max_clock_skew)
+            .expect("pipeline"),
+    )
 }
 
 fn sample(i: usize) -> (Vec<f32>, Vec<f32>) {
@@ -181,8 +184,15 @@ fn error_messages_are_rate_limited_and_the_excess_counted() {
         topic: crate::topic::TopicTemplate::parse("e/{pipeline}", 0).expect("t"),
         rate_limit: 3,
     };
-    let p = Pipeline::new(base.cfg.clone(), base.model.clone(), Vec::new(), "d", &errors)
-        .expect("pipeline");
+    let p = Pipeline::new(
+        base.cfg.clone(),
+        base.model.clone(),
+        Vec::new(),
+        "d",
+        &errors,
+        Duration::from_secs(2),
+    )
+    .expect("pipeline");
     let rec = Recorder::default();
     let caps = crate::topic::Captures::new();
     for _ in 0..10 {
@@ -234,4 +244,76 @@ fn session_input_buffers_are_reused_across_runs() {
         s.run().expect("run");
         assert_eq!(s.input_mut(0).as_ptr(), before, "tract must hand the input buffer back");
     }
+}
+
+/// Offers the digits sample as a JSON frame from `device`, with extra JSON fields.
+fn offer(p: &Pipeline, rec: &Recorder, device: &str, extra: serde_json::Value) {
+    let filter = TopicFilter::parse("sensors/+/digits").expect("filter");
+    let topic = format!("sensors/{device}/digits");
+    let caps = filter.matches(&topic).expect("match");
+    let (input, _) = sample(0);
+    let mut v = serde_json::json!({"data": input});
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    assert!(p.ingest(topic, caps, Bytes::from(v.to_string()), rec).is_none());
+}
+
+#[test]
+fn frames_older_than_max_age_are_dropped_as_expired() {
+    let p = pipeline("max_age = \"50ms\"\n");
+    let rec = Arc::new(Recorder::default());
+    for _ in 0..3 {
+        offer(&p, &rec, "a", serde_json::json!({}));
+    }
+    // Nobody serves the queue for longer than max_age.
+    std::thread::sleep(Duration::from_millis(80));
+    let _workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
+    wait_idle(&p);
+    assert_eq!(p.stats.dropped(DropReason::Expired), 3);
+    // A fresh frame is served.
+    offer(&p, &rec, "a", serde_json::json!({}));
+    wait_idle(&p);
+    assert_eq!(p.stats.served.load(Ordering::Relaxed), 1);
+    // A device timestamp that says the frame was already 40 ms old on arrival counts too.
+    let now_ms = unix_us(SystemTime::now()) as f64 / 1000.0;
+    std::thread::sleep(Duration::from_millis(5));
+    offer(&p, &rec, "a", serde_json::json!({"ts": now_ms - 60.0}));
+    wait_idle(&p);
+    assert_eq!(p.stats.dropped(DropReason::Expired), 4);
+    assert_eq!(p.stats.received.load(Ordering::Relaxed), 5);
+}
+
+#[test]
+fn a_frame_that_cannot_meet_its_deadline_is_dropped() {
+    let p = pipeline("deadline = \"10s\"\n");
+    let rec = Arc::new(Recorder::default());
+    // The frame's own deadline_ms overrides the pipeline's: 0 ms cannot be met.
+    offer(&p, &rec, "a", serde_json::json!({"deadline_ms": 0}));
+    offer(&p, &rec, "a", serde_json::json!({"deadline_ms": 5000}));
+    offer(&p, &rec, "a", serde_json::json!({}));
+    let _workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
+    wait_idle(&p);
+    assert_eq!(p.stats.dropped(DropReason::DeadlineMissed), 1);
+    assert_eq!(p.stats.served.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn device_timestamps_feed_end_to_end_latency_unless_skewed() {
+    let p = pipeline("");
+    let rec = Arc::new(Recorder::default());
+    let _workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
+    let now_ms = unix_us(SystemTime::now()) as f64 / 1000.0;
+    offer(&p, &rec, "a", serde_json::json!({"ts": now_ms - 100.0}));
+    // An hour in the future: a wrong clock, not a frame from the future.
+    offer(&p, &rec, "b", serde_json::json!({"ts": now_ms + 3_600_000.0}));
+    wait_idle(&p);
+    assert_eq!(p.stats.served.load(Ordering::Relaxed), 2);
+    assert_eq!(p.stats.clock_skew.load(Ordering::Relaxed), 1);
+    let e2e = p.stats.end_to_end.snapshot();
+    assert_eq!(e2e.count(), 1, "only the trusted timestamp");
+    let d = e2e.quantile(0.5).expect("one");
+    assert!(d >= Duration::from_millis(95), "includes the 100 ms before arrival: {d:?}");
+    assert_eq!(p.stats.total.snapshot().count(), 2);
+    assert_eq!(p.stats.service.snapshot().count(), 2);
 }

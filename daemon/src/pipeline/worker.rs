@@ -14,7 +14,7 @@ use super::{Frame, Pipeline, Publisher};
 use crate::model::Session;
 use crate::sys::cgroup;
 use crate::sys::cpus::{self, CpuList, WorkerSched};
-use crate::telemetry::FailReason;
+use crate::telemetry::{DropReason, FailReason};
 
 /// How often an idle worker wakes up to show it is alive.
 const IDLE_TICK: Duration = Duration::from_millis(250);
@@ -146,6 +146,34 @@ fn run(
     }
 }
 
+impl Pipeline {
+    /// Why a frame picked up at `now` is no longer worth serving, if it is not: older than
+    /// `max_age`, or unable to finish before its deadline given the expected service time.
+    /// Under adaptive overload control the latency objective is a deadline too: a result later
+    /// than the objective would only spend the SLO's budget.
+    fn stale(&self, frame: &Frame, now: Instant) -> Option<DropReason> {
+        let waited = now.saturating_duration_since(frame.received);
+        if let Some(max_age) = self.cfg.max_age
+            && waited + frame.device_age.unwrap_or_default() > max_age
+        {
+            return Some(DropReason::Expired);
+        }
+        let objective = self
+            .cfg
+            .slo
+            .latency
+            .as_ref()
+            .filter(|_| self.adaptive())
+            .map(|l| frame.received + l.objective);
+        let deadline = match (frame.deadline, objective) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        let expected = Duration::from_nanos(self.expected_service_ns.load(Ordering::Relaxed));
+        (now + expected > deadline).then_some(DropReason::DeadlineMissed)
+    }
+}
+
 /// Per-worker reusable buffers: the serialized result and its output topic.
 #[derive(Default)]
 pub struct Scratch {
@@ -171,6 +199,10 @@ impl Pipeline {
         let picked = Instant::now();
         let queue_wait = picked.saturating_duration_since(frame.received);
         p.stats.queue_wait.record(queue_wait);
+        if let Some(reason) = p.stale(&frame, picked) {
+            p.stats.drop_frame(reason);
+            return;
+        }
         // One copy: wire bytes (or the JSON decoder's buffer) -> the session's input tensor.
         for (i, bytes) in frame.inputs.iter().enumerate() {
             let dst = session.input_mut(i);
@@ -227,8 +259,11 @@ impl Pipeline {
         // (rumqttc owns what it sends); everything before this point reuses buffers.
         match publisher.publish(&scratch.topic, &scratch.payload, p.cfg.qos, false) {
             Ok(()) => {
-                p.stats.served.fetch_add(1, Ordering::Relaxed);
-                p.stats.total.record(total);
+                p.stats.record_served(total);
+                if let Some(age) = frame.device_age {
+                    p.stats.end_to_end.record(age + total);
+                }
+                p.stats.service.record(picked.elapsed());
             }
             Err(e) => {
                 p.stats.fail(FailReason::Publish);

@@ -8,6 +8,7 @@
 //! `received = served + rejected + dropped + failed + queued + in_flight`.
 
 pub mod histogram;
+pub mod slo;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -63,18 +64,35 @@ impl RejectReason {
 /// Why an accepted, valid frame was not served (the daemon's choice, not the payload's fault).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// The queue was full (evicted under drop_oldest, refused under drop_newest/block).
+    /// The queue was full at its effective limit (evicted under drop_oldest, refused under
+    /// drop_newest/block, or trimmed when the overload controller shrank the limit).
     QueueFull,
+    /// Older than `max_age` when a worker picked it up.
+    Expired,
+    /// Could not be served before its deadline (the pipeline's `deadline`, the frame's
+    /// `deadline_ms`, or the latency objective under adaptive overload control).
+    DeadlineMissed,
+    /// Not admitted by the overload controller's per-device sampling.
+    Shed,
     /// Still queued when the shutdown grace period ran out.
     Shutdown,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 2] = [DropReason::QueueFull, DropReason::Shutdown];
+    pub const ALL: [DropReason; 5] = [
+        DropReason::QueueFull,
+        DropReason::Expired,
+        DropReason::DeadlineMissed,
+        DropReason::Shed,
+        DropReason::Shutdown,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
+            DropReason::Expired => "expired",
+            DropReason::DeadlineMissed => "deadline_missed",
+            DropReason::Shed => "shed",
             DropReason::Shutdown => "shutdown",
         }
     }
@@ -116,6 +134,16 @@ pub struct PipelineStats {
     pub inference: Histogram,
     /// Arrival to result handed to the MQTT client.
     pub total: Histogram,
+    /// Device timestamp to result handed to the MQTT client (frames with a trusted `ts`).
+    pub end_to_end: Histogram,
+    /// Worker time per dequeued frame (copy in, inference, result, publish hand-off).
+    pub service: Histogram,
+    /// Frames whose device timestamp was further than `max_clock_skew` from our clock.
+    pub clock_skew: AtomicU64,
+    /// Served frames slower (arrival -> result) than `slo_threshold_ns`.
+    pub slow: AtomicU64,
+    /// The SLO latency objective in nanoseconds (0: none).
+    pub slo_threshold_ns: AtomicU64,
 }
 
 fn idx<T: PartialEq>(all: &[T], r: &T) -> usize {
@@ -151,6 +179,30 @@ impl PipelineStats {
         FailReason::ALL.iter().map(|r| self.failed(*r)).sum()
     }
 
+    /// Records a served frame's arrival -> result latency (and whether it missed the objective).
+    pub fn record_served(&self, total: Duration) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.total.record(total);
+        let threshold = self.slo_threshold_ns.load(Ordering::Relaxed);
+        if threshold > 0 && total.as_nanos() > u128::from(threshold) {
+            self.slow.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Cumulative counts for the SLO tracker.
+    pub fn slo_counts(&self) -> slo::Counts {
+        let dropped: u64 = DropReason::ALL
+            .iter()
+            .filter(|r| **r != DropReason::Shutdown)
+            .map(|r| self.dropped(*r))
+            .sum();
+        slo::Counts {
+            served: self.served.load(Ordering::Relaxed),
+            slow: self.slow.load(Ordering::Relaxed),
+            lost: dropped + self.failed_total(),
+        }
+    }
+
     /// Counters as a JSON object (used by health and metrics).
     pub fn counters_json(&self) -> Value {
         let by = |pairs: Vec<(&'static str, u64)>| -> Value {
@@ -165,6 +217,7 @@ impl PipelineStats {
             "dropped": by(DropReason::ALL.iter().map(|r| (r.as_str(), self.dropped(*r))).collect()),
             "failed": by(FailReason::ALL.iter().map(|r| (r.as_str(), self.failed(*r))).collect()),
             "errors_suppressed": self.errors_suppressed.load(Ordering::Relaxed),
+            "clock_skew": self.clock_skew.load(Ordering::Relaxed),
         })
     }
 }
