@@ -6,6 +6,7 @@
 //! frames to pipelines, publishes health and metrics, feeds the systemd watchdog, and drains on
 //! SIGTERM/SIGINT.
 
+pub mod metrics_http;
 mod serve;
 mod status;
 pub mod system;

@@ -8,6 +8,7 @@
 //! `received = served + rejected + dropped + failed + queued + in_flight`.
 
 pub mod histogram;
+pub mod prometheus;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
