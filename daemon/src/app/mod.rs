@@ -7,6 +7,7 @@
 //! SIGTERM/SIGINT.
 
 mod control;
+pub mod metrics_http;
 mod serve;
 mod status;
 pub mod system;

@@ -8,6 +8,7 @@
 //! `received = served + rejected + dropped + failed + queued + in_flight`.
 
 pub mod histogram;
+pub mod prometheus;
 pub mod slo;
 
 use std::sync::atomic::{AtomicU64, Ordering};
