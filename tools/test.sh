@@ -23,16 +23,21 @@ need_pkg() {
     local sudo=""
     [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$pkg" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
   fi
 }
 need_pkg mosquitto mosquitto
+# promtool (from Debian's prometheus package) is the reference checker of the metrics endpoint's
+# exposition format; the integration test also parses it with a Rust parser.
+need_pkg promtool prometheus
 
-# mosquitto is started per test on a free port; the packaged system service is not needed (and
-# would hold port 1883), so stop it if the install started it.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
-  systemctl stop mosquitto 2>/dev/null || true
-fi
+# mosquitto is started per test on a free port; the packaged system services are not needed (and
+# would hold ports 1883 and 9090), so stop them if the install started them.
+for svc in mosquitto prometheus; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl stop "$svc" 2>/dev/null || true
+  fi
+done
 
 start=$(date +%s)
 if [[ $quick -eq 0 ]]; then

@@ -79,6 +79,9 @@ fn measure(format: &str, frames: usize) -> (f64, f64) {
     let model_path = fixture("digits/model.onnx");
     let text = format!(
         "device_id = \"a\"\n[pipelines.digits]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nformat = \"{format}\"\n\
+         max_age = \"10s\"\ndeadline = \"10s\"\n\
+         [pipelines.digits.slo]\nlatency = \"10s\"\nserved = 0.99\n\
+         [pipelines.digits.overload]\nadaptive = true\n\
          [pipelines.digits.queue]\ncapacity = 8\n[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 3\n",
         model_path.display().to_string()
     );

@@ -4,6 +4,7 @@
 mod cli;
 mod lifecycle;
 mod malformed;
+mod metrics;
 mod models;
 mod overload;
 mod queueing;

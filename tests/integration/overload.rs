@@ -154,9 +154,14 @@ fn adaptive_control_keeps_served_frames_within_the_objective_and_sheds_fairly() 
     let o = overload(true);
     let p = &o.pipeline;
     let c = &p["counters"];
+    // Exact: the SLO counts every served frame slower than the objective, so compliance >=
+    // 0.99 is "the exact P99 is within the objective". The histogram's P99 is an estimate
+    // within one bucket (2^(1/4) wide).
+    let compliance = p["slo"]["latency"]["long"]["compliance"].as_f64().expect("compliance");
+    assert!(compliance >= 0.99, "served frames within {OBJECTIVE_MS} ms: {compliance}: {p}");
     let p99_us = p["latency_us"]["total"]["p99_us"].as_u64().expect("p99");
     assert!(
-        p99_us <= OBJECTIVE_MS * 1000,
+        p99_us as f64 <= OBJECTIVE_MS as f64 * 1000.0 * 1.19,
         "served P99 {p99_us} µs exceeds the {OBJECTIVE_MS} ms objective: {p}"
     );
     assert_ne!(p["slo"]["latency"]["state"], "breached", "{}", p["slo"]);

@@ -76,7 +76,9 @@ pub(super) fn step(app: &App, st: &mut ControlState) -> bool {
             };
             let mut c = p.controller.lock().unwrap_or_else(|e| e.into_inner());
             let limit = c.tick(&p.shedder, &inputs);
-            if let Some(t) = c.service_time() {
+            // The deadline check at dequeue budgets for a slow run, not an average one: a
+            // frame admitted with only the mean left would miss whenever the run is slow.
+            if let Some(t) = st.service_p99[i].or(c.service_time()) {
                 p.expected_service_ns.store(t.as_nanos() as u64, Ordering::Relaxed);
             }
             drop(c);

@@ -260,13 +260,15 @@ pub fn start(mut config: Config) -> Result<App, AppError> {
 impl App {
     /// Connects to the broker and serves until stopped. Returns after a clean shutdown.
     pub fn serve(self, stop: StopHandle) -> Result<(), AppError> {
+        // Shared with the metrics endpoint's task, which renders from it on every scrape.
+        let app = Arc::new(self);
         let notifier = Notifier::from_env().unwrap_or_else(|e| {
             log::warn!("NOTIFY_SOCKET is set but unusable ({e}); not notifying systemd");
             Notifier::disabled()
         });
         // 7. Runtime for I/O only (inference never runs on it): one named thread, inheriting the
         //    I/O affinity, moved into the `io` cgroup leaf with the main thread.
-        let io_leaf = self.system.layout.as_ref().map(|l| l.io.clone());
+        let io_leaf = app.system.layout.as_ref().map(|l| l.io.clone());
         if let Some(leaf) = &io_leaf
             && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
         {
@@ -287,30 +289,52 @@ impl App {
             .build()
             .map_err(AppError::Runtime)?;
 
-        // 8. MQTT client with the Last Will that marks us offline if the connection dies.
+        // 8. Metrics endpoint (optional): Prometheus text on GET /metrics. A port that cannot be
+        //    bound is logged and the daemon serves without it: inference matters more than a
+        //    scrape target.
+        let (metrics_stop, metrics_stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = app.config.metrics.listen {
+            if let Some(warning) = metrics_http::check_bind_address(&addr) {
+                log::warn!("{warning}");
+            }
+            match rt.block_on(tokio::net::TcpListener::bind(addr)) {
+                Ok(listener) => {
+                    log::info!("Prometheus metrics on http://{addr}/metrics");
+                    let a = Arc::clone(&app);
+                    let render: metrics_http::Render = Arc::new(move || status::prometheus(&a));
+                    rt.spawn(metrics_http::serve(listener, render, metrics_stop_rx));
+                }
+                Err(e) => log::error!(
+                    "cannot listen on metrics.listen = {addr}: {e}; serving without the metrics endpoint \
+                     (hint: pick a free port, or remove the key)"
+                ),
+            }
+        }
+
+        // 9. MQTT client with the Last Will that marks us offline if the connection dies.
         let will = (
-            self.config.health.topic.render(&self.config.device_id, ""),
-            status::offline(&self, "connection_lost"),
+            app.config.health.topic.render(&app.config.device_id, ""),
+            status::offline(&app, "connection_lost"),
         );
-        let opts = mqtt::options(&self.config.broker, will)?;
+        let opts = mqtt::options(&app.config.broker, will)?;
         // Room for every queued frame's result plus health/metrics/error messages, so workers
         // rarely wait on the channel.
         let cap =
-            self.pipelines.iter().map(|p| p.queue.capacity() + p.cfg.workers).sum::<usize>() + 64;
+            app.pipelines.iter().map(|p| p.queue.capacity() + p.cfg.workers).sum::<usize>() + 64;
         let (client, mut eventloop) = mqtt::client(opts, cap.max(128));
         eventloop
             .network_options
-            .set_connection_timeout(self.config.broker.connect_timeout.as_secs().max(1));
+            .set_connection_timeout(app.config.broker.connect_timeout.as_secs().max(1));
         // Results are small and latency is the product: without TCP_NODELAY, Nagle's algorithm
         // and the broker's delayed ACKs hold a result back for up to ~40 ms.
         eventloop.network_options.set_tcp_nodelay(true);
         let publisher: Arc<dyn Publisher> =
             Arc::new(MqttPublisher::new(client.clone(), Duration::from_secs(5)));
 
-        // 9. Inference workers: each pins itself, sets its scheduling class, joins the
+        // 10. Inference workers: each pins itself, sets its scheduling class, joins the
         //    inference cgroup leaf and builds its own session.
         let mut workers: Vec<WorkerHandle> = Vec::new();
-        for (p, placement) in self.pipelines.iter().zip(&self.placements) {
+        for (p, placement) in app.pipelines.iter().zip(&app.placements) {
             let w = p
                 .start_workers(Arc::clone(&publisher), placement)
                 .map_err(|message| AppError::Workers { pipeline: p.name().to_string(), message })?;
@@ -318,18 +342,19 @@ impl App {
         }
         log::info!(
             "started in {:?}: {} pipeline(s), {} worker(s) on CPUs {} (I/O on {}); connecting to {}:{}",
-            self.started.elapsed(),
-            self.pipelines.len(),
+            app.started.elapsed(),
+            app.pipelines.len(),
             workers.len(),
-            self.system.inference_cpus,
-            self.system.io_cpus,
-            self.config.broker.host,
-            self.config.broker.port
+            app.system.inference_cpus,
+            app.system.io_cpus,
+            app.config.broker.host,
+            app.config.broker.port
         );
 
-        // 10. Connect, subscribe, report ready, serve; drain and disconnect on the first signal.
+        // 11. Connect, subscribe, report ready, serve; drain and disconnect on the first signal.
         let result = rt
-            .block_on(serve::serve(&self, client, eventloop, &workers, publisher, stop, &notifier));
+            .block_on(serve::serve(&app, client, eventloop, &workers, publisher, stop, &notifier));
+        let _ = metrics_stop.send(true);
         // Workers exit once their queue is closed and empty (serve waits for that); after an
         // expired grace period or a second signal one may still be mid-inference, and the
         // process exits without it.

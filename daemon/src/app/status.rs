@@ -227,3 +227,407 @@ pub fn summary_line(app: &App) -> String {
         .collect();
     parts.join("; ")
 }
+
+/// The Prometheus text exposition of everything above: one family per metric, every pipeline
+/// as a `pipeline` label. Names, units and labels are documented in `docs/metrics.md`.
+pub fn prometheus(app: &App) -> String {
+    use crate::telemetry::prometheus::{Exposition, Kind};
+    use crate::telemetry::{DropReason, FailReason, RejectReason};
+
+    let mut e = Exposition::new();
+    let ps = &app.pipelines;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+
+    e.family("edgeinfer_build_info", Kind::Gauge, "Version of the running daemon.");
+    e.sample(
+        "edgeinfer_build_info",
+        &[("version", env!("CARGO_PKG_VERSION")), ("device", &app.config.device_id)],
+        1.0,
+    );
+    e.family(
+        "edgeinfer_model_info",
+        Kind::Gauge,
+        "Model served by each pipeline (name, version, SHA-256).",
+    );
+    for p in ps {
+        let m = &p.model;
+        e.sample(
+            "edgeinfer_model_info",
+            &[
+                ("pipeline", p.name()),
+                ("model", &m.name),
+                ("version", &m.version),
+                ("sha256", &m.sha256),
+            ],
+            1.0,
+        );
+    }
+
+    // Frame accounting: received = served + rejected + dropped + failed + queued + in flight.
+    type PerPipeline = fn(&Pipeline) -> f64;
+    let counters: [(&str, &str, PerPipeline); 4] = [
+        (
+            "edgeinfer_frames_received_total",
+            "Frames that matched the pipeline's input filter.",
+            |p| p.stats.received.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "edgeinfer_frames_served_total",
+            "Frames whose result was handed to the MQTT client.",
+            |p| p.stats.served.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "edgeinfer_error_messages_suppressed_total",
+            "Error messages not published because of errors.rate_limit.",
+            |p| p.stats.errors_suppressed.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "edgeinfer_clock_skew_frames_total",
+            "Frames whose device timestamp was further than metrics.max_clock_skew from the daemon's clock.",
+            |p| p.stats.clock_skew.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, help, f) in counters {
+        e.family(name, Kind::Counter, help);
+        for p in ps {
+            e.sample(name, &[("pipeline", p.name())], f(p));
+        }
+    }
+    e.family(
+        "edgeinfer_frames_rejected_total",
+        Kind::Counter,
+        "Frames refused before queueing because the payload was at fault, by reason.",
+    );
+    for p in ps {
+        for r in RejectReason::ALL {
+            e.sample(
+                "edgeinfer_frames_rejected_total",
+                &[("pipeline", p.name()), ("reason", r.as_str())],
+                p.stats.rejected(r) as f64,
+            );
+        }
+    }
+    e.family(
+        "edgeinfer_frames_dropped_total",
+        Kind::Counter,
+        "Valid frames the daemon chose not to serve, by reason.",
+    );
+    for p in ps {
+        for r in DropReason::ALL {
+            e.sample(
+                "edgeinfer_frames_dropped_total",
+                &[("pipeline", p.name()), ("reason", r.as_str())],
+                p.stats.dropped(r) as f64,
+            );
+        }
+    }
+    e.family(
+        "edgeinfer_frames_failed_total",
+        Kind::Counter,
+        "Dequeued frames that produced no result, by reason.",
+    );
+    for p in ps {
+        for r in FailReason::ALL {
+            e.sample(
+                "edgeinfer_frames_failed_total",
+                &[("pipeline", p.name()), ("reason", r.as_str())],
+                p.stats.failed(r) as f64,
+            );
+        }
+    }
+
+    let gauges: [(&str, &str, PerPipeline); 4] = [
+        ("edgeinfer_queue_depth", "Frames waiting for a worker.", |p| p.queue.depth() as f64),
+        ("edgeinfer_queue_in_flight", "Frames a worker is serving.", |p| {
+            p.queue.in_flight() as f64
+        }),
+        ("edgeinfer_queue_capacity", "Configured queue capacity (after fitting to memory).", |p| {
+            p.queue.capacity() as f64
+        }),
+        (
+            "edgeinfer_queue_limit",
+            "Effective queue capacity now (lowered by adaptive overload control).",
+            |p| p.queue.limit() as f64,
+        ),
+    ];
+    for (name, help, f) in gauges {
+        e.family(name, Kind::Gauge, help);
+        for p in ps {
+            e.sample(name, &[("pipeline", p.name())], f(p));
+        }
+    }
+
+    type Hist = fn(&Pipeline) -> crate::telemetry::Snapshot;
+    let hists: [(&str, &str, Hist); 5] = [
+        ("edgeinfer_queue_wait_seconds", "Arrival to a worker picking the frame up.", |p| {
+            p.stats.queue_wait.snapshot()
+        }),
+        ("edgeinfer_inference_seconds", "Model run time.", |p| p.stats.inference.snapshot()),
+        (
+            "edgeinfer_service_seconds",
+            "Worker time per frame: input copy, inference, result, hand-off.",
+            |p| p.stats.service.snapshot(),
+        ),
+        (
+            "edgeinfer_latency_seconds",
+            "Arrival to result handed to the MQTT client (what slo.latency measures).",
+            |p| p.stats.total.snapshot(),
+        ),
+        (
+            "edgeinfer_end_to_end_seconds",
+            "Device timestamp to result handed to the MQTT client (frames with a trusted ts).",
+            |p| p.stats.end_to_end.snapshot(),
+        ),
+    ];
+    for (name, help, f) in hists {
+        e.family(name, Kind::Histogram, help);
+        for p in ps {
+            e.histogram(name, &[("pipeline", p.name())], &f(p));
+        }
+    }
+
+    // SLOs: state as a number (0 ok, 1 at_risk, 2 breached), compliance and burn rate per window.
+    let reports: Vec<(&str, crate::telemetry::slo::SloReport)> = ps
+        .iter()
+        .filter_map(|p| {
+            let t = p.slo.lock().unwrap_or_else(|e| e.into_inner());
+            t.as_ref().map(|t| (p.name(), t.report()))
+        })
+        .collect();
+    let objectives = |r: &crate::telemetry::slo::SloReport| {
+        [("latency", r.latency.clone()), ("served", r.served.clone())]
+            .into_iter()
+            .filter_map(|(k, o)| o.map(|o| (k, o)))
+            .collect::<Vec<_>>()
+    };
+    e.family(
+        "edgeinfer_slo_state",
+        Kind::Gauge,
+        "SLO state per objective: 0 ok, 1 at_risk, 2 breached.",
+    );
+    for (name, r) in &reports {
+        for (k, o) in objectives(r) {
+            e.sample(
+                "edgeinfer_slo_state",
+                &[("pipeline", name), ("objective", k)],
+                o.state as u8 as f64,
+            );
+        }
+    }
+    e.family("edgeinfer_slo_target_ratio", Kind::Gauge, "Objective: the quantile or served ratio.");
+    for (name, r) in &reports {
+        for (k, o) in objectives(r) {
+            e.sample(
+                "edgeinfer_slo_target_ratio",
+                &[("pipeline", name), ("objective", k)],
+                o.target,
+            );
+        }
+    }
+    e.family("edgeinfer_slo_compliance_ratio", Kind::Gauge, "Good events / events per window.");
+    for (name, r) in &reports {
+        for (k, o) in objectives(r) {
+            for (w, rep) in [("long", o.long), ("short", o.short)] {
+                e.sample(
+                    "edgeinfer_slo_compliance_ratio",
+                    &[("pipeline", name), ("objective", k), ("window", w)],
+                    rep.compliance,
+                );
+            }
+        }
+    }
+    e.family(
+        "edgeinfer_slo_burn_rate",
+        Kind::Gauge,
+        "Bad fraction / error budget per window (1 spends the budget exactly).",
+    );
+    for (name, r) in &reports {
+        for (k, o) in objectives(r) {
+            for (w, rep) in [("long", o.long), ("short", o.short)] {
+                e.sample(
+                    "edgeinfer_slo_burn_rate",
+                    &[("pipeline", name), ("objective", k), ("window", w)],
+                    rep.burn_rate,
+                );
+            }
+        }
+    }
+
+    // Overload controller decisions (adaptive pipelines only).
+    let statuses: Vec<(&str, crate::pipeline::overload::OverloadStatus)> = ps
+        .iter()
+        .filter(|p| p.adaptive())
+        .map(|p| {
+            let c = p.controller.lock().unwrap_or_else(|e| e.into_inner());
+            (p.name(), c.status().clone())
+        })
+        .collect();
+    type Ov = fn(&crate::pipeline::overload::OverloadStatus) -> f64;
+    let ov: [(&str, &str, Ov); 5] = [
+        ("edgeinfer_overload_arrival_rate", "Frames per second arriving (smoothed).", |s| {
+            s.arrival_rate
+        }),
+        (
+            "edgeinfer_overload_service_rate",
+            "Frames per second the workers can serve (from busy time).",
+            |s| s.service_rate,
+        ),
+        ("edgeinfer_overload_admit_ratio", "Fraction of arriving frames admitted.", |s| {
+            s.admit_ratio
+        }),
+        ("edgeinfer_overload_shedding_devices", "Devices currently sampled 1-in-N.", |s| {
+            s.shedding_devices as f64
+        }),
+        ("edgeinfer_overload_memory_pressure", "1 while memory pressure halves the queue.", |s| {
+            f64::from(u8::from(s.memory_pressure))
+        }),
+    ];
+    for (name, help, f) in ov {
+        e.family(name, Kind::Gauge, help);
+        for (p, s) in &statuses {
+            e.sample(name, &[("pipeline", p)], f(s));
+        }
+    }
+
+    // Process.
+    if let Ok(pr) = procfs::read_process(std::path::Path::new(PROC_ROOT)) {
+        e.family("edgeinfer_process_cpu_seconds_total", Kind::Counter, "CPU time by mode.");
+        e.sample("edgeinfer_process_cpu_seconds_total", &[("mode", "user")], pr.cpu_user_seconds);
+        e.sample(
+            "edgeinfer_process_cpu_seconds_total",
+            &[("mode", "system")],
+            pr.cpu_system_seconds,
+        );
+        e.family("edgeinfer_process_resident_memory_bytes", Kind::Gauge, "Resident set size.");
+        e.sample("edgeinfer_process_resident_memory_bytes", &[], pr.rss_bytes as f64);
+        if let Some(h) = pr.vm_hwm_bytes {
+            e.family("edgeinfer_process_resident_memory_max_bytes", Kind::Gauge, "Peak RSS.");
+            e.sample("edgeinfer_process_resident_memory_max_bytes", &[], h as f64);
+        }
+        e.family("edgeinfer_process_threads", Kind::Gauge, "Threads in the process.");
+        e.sample("edgeinfer_process_threads", &[], pr.threads as f64);
+        if let Some(f) = pr.open_fds {
+            e.family("edgeinfer_process_open_fds", Kind::Gauge, "Open file descriptors.");
+            e.sample("edgeinfer_process_open_fds", &[], f as f64);
+        }
+    }
+    e.family("edgeinfer_process_start_time_seconds", Kind::Gauge, "Start time, Unix seconds.");
+    e.sample("edgeinfer_process_start_time_seconds", &[], app.started_us as f64 / 1e6);
+
+    // Host: clocks and temperatures (absent in VMs without cpufreq/thermal drivers).
+    let cpus = app.system.allowed_cpus.to_vec();
+    let host = procfs::read_host(std::path::Path::new(SYS_ROOT), Some(&cpus));
+    if !host.cpufreq.is_empty() {
+        e.family("edgeinfer_cpu_frequency_hertz", Kind::Gauge, "Current CPU clock.");
+        for c in &host.cpufreq {
+            if let Some(hz) = c.cur_hz {
+                e.sample(
+                    "edgeinfer_cpu_frequency_hertz",
+                    &[("cpu", &c.cpu.to_string())],
+                    hz as f64,
+                );
+            }
+        }
+        e.family(
+            "edgeinfer_cpu_frequency_max_hertz",
+            Kind::Gauge,
+            "Highest clock the policy allows now (below the hardware maximum when capped).",
+        );
+        for c in &host.cpufreq {
+            if let Some(hz) = c.max_hz {
+                e.sample(
+                    "edgeinfer_cpu_frequency_max_hertz",
+                    &[("cpu", &c.cpu.to_string())],
+                    hz as f64,
+                );
+            }
+        }
+        e.family("edgeinfer_cpu_governor_info", Kind::Gauge, "The cpufreq governor of each CPU.");
+        for c in &host.cpufreq {
+            if let Some(g) = &c.governor {
+                e.sample(
+                    "edgeinfer_cpu_governor_info",
+                    &[("cpu", &c.cpu.to_string()), ("governor", g)],
+                    1.0,
+                );
+            }
+        }
+    }
+    if !host.thermal.is_empty() {
+        e.family("edgeinfer_thermal_zone_celsius", Kind::Gauge, "Thermal zone temperature.");
+        for z in &host.thermal {
+            e.sample(
+                "edgeinfer_thermal_zone_celsius",
+                &[("zone", &z.zone.to_string()), ("type", &z.kind)],
+                z.celsius,
+            );
+        }
+    }
+
+    // cgroup v2: memory and pressure stall information of the daemon's cgroup.
+    if let Some(dir) = app.system.cgroup_dir.as_deref() {
+        let st = crate::sys::cgroup::read_stats(dir);
+        for (name, help, v) in [
+            ("edgeinfer_cgroup_memory_current_bytes", "cgroup memory.current.", st.memory_current),
+            ("edgeinfer_cgroup_memory_high_bytes", "cgroup memory.high.", st.memory_high),
+            ("edgeinfer_cgroup_memory_max_bytes", "cgroup memory.max.", st.memory_max),
+        ] {
+            if let Some(v) = v {
+                e.family(name, Kind::Gauge, help);
+                e.sample(name, &[], v as f64);
+            }
+        }
+        if !st.memory_events.is_empty() {
+            e.family("edgeinfer_cgroup_memory_events_total", Kind::Counter, "memory.events.");
+            for (k, v) in &st.memory_events {
+                e.sample("edgeinfer_cgroup_memory_events_total", &[("event", k)], *v as f64);
+            }
+        }
+        e.family(
+            "edgeinfer_cgroup_pressure_stall_seconds_total",
+            Kind::Counter,
+            "Pressure stall time (PSI) of the daemon's cgroup, by resource and kind.",
+        );
+        for (res, psi) in [("memory", st.memory_pressure), ("cpu", st.cpu_pressure)] {
+            if let Some(psi) = psi {
+                e.sample(
+                    "edgeinfer_cgroup_pressure_stall_seconds_total",
+                    &[("resource", res), ("kind", "some")],
+                    psi.some.total as f64 / 1e6,
+                );
+                if let Some(full) = psi.full {
+                    e.sample(
+                        "edgeinfer_cgroup_pressure_stall_seconds_total",
+                        &[("resource", res), ("kind", "full")],
+                        full.total as f64 / 1e6,
+                    );
+                }
+            }
+        }
+    }
+
+    // MQTT transport.
+    let t = &app.transport;
+    for (name, help, v) in [
+        ("edgeinfer_mqtt_reconnects_total", "Connections after the first.", load(&t.reconnects)),
+        (
+            "edgeinfer_mqtt_connection_errors_total",
+            "Failed connection attempts or lost connections.",
+            load(&t.connection_errors),
+        ),
+        (
+            "edgeinfer_mqtt_oversized_packets_total",
+            "Packets above broker.max_packet_size (connection reset).",
+            load(&t.oversized_packets),
+        ),
+        (
+            "edgeinfer_mqtt_unrouted_messages_total",
+            "Messages that matched no pipeline.",
+            load(&t.unrouted),
+        ),
+    ] {
+        e.family(name, Kind::Counter, help);
+        e.sample(name, &[], v);
+    }
+    e.into_string()
+}
