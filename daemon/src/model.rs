@@ -567,48 +567,92 @@ impl Session {
         Ok(())
     }
 
+    /// Rows on the leading (batch) axis this session runs at once (1 unless the model was
+    /// loaded with a batch size).
+    pub fn rows(&self) -> usize {
+        self.specs.first().and_then(|s| s.shape.first().copied()).unwrap_or(1).max(1)
+    }
+
+    /// The bytes of row `row` of input `ix` (one frame's share of a batched input).
+    pub fn input_row_mut(&mut self, ix: usize, row: usize) -> &mut [u8] {
+        let rows = self.rows();
+        let buf = self.input_mut(ix);
+        let len = buf.len() / rows;
+        buf.get_mut(row * len..(row + 1) * len).unwrap_or(&mut [])
+    }
+
     /// Outputs of the last run.
     pub fn outputs(&self) -> impl ExactSizeIterator<Item = OutputTensor<'_>> {
-        self.outputs.iter().map(|v| OutputTensor { tensor: v })
+        self.outputs.iter().map(|v| OutputTensor::whole(v))
     }
 
     pub fn output(&self, ix: usize) -> Option<OutputTensor<'_>> {
-        self.outputs.get(ix).map(|v| OutputTensor { tensor: v })
+        self.outputs.get(ix).map(|v| OutputTensor::whole(v))
+    }
+
+    /// Output `ix` of the last run as seen by the frame in row `row`: that row of the leading
+    /// axis (shape `[1, ...]`) when the output is batched like the inputs, else the whole tensor.
+    pub fn output_row(&self, ix: usize, row: usize) -> Option<OutputTensor<'_>> {
+        let t = self.outputs.get(ix)?;
+        let rows = self.rows();
+        if rows <= 1 || t.shape().first() != Some(&rows) {
+            return Some(OutputTensor::whole(t));
+        }
+        let mut v = OutputTensor::whole(t);
+        let len = v.bytes.len() / rows;
+        v.bytes = v.bytes.get(row * len..(row + 1) * len)?;
+        v.shape[0] = 1;
+        Some(v)
+    }
+
+    /// Every output for row `row` (see [`Session::output_row`]).
+    pub fn outputs_row(&self, row: usize) -> impl Iterator<Item = OutputTensor<'_>> {
+        (0..self.outputs.len()).filter_map(move |ix| self.output_row(ix, row))
     }
 }
 
-/// A read-only view of one output tensor.
+/// A read-only view of one output tensor, or of one row of it.
 pub struct OutputTensor<'a> {
-    tensor: &'a Tensor,
+    shape: smallvec::SmallVec<[usize; 6]>,
+    dtype: Option<DType>,
+    bytes: &'a [u8],
 }
 
-impl OutputTensor<'_> {
+impl<'a> OutputTensor<'a> {
+    fn whole(t: &'a Tensor) -> Self {
+        OutputTensor {
+            shape: t.shape().iter().copied().collect(),
+            dtype: DType::from_tract(t.datum_type()),
+            bytes: t.as_plain_ram().map(|v| v.as_bytes()).unwrap_or(&[]),
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
-        self.tensor.shape()
+        &self.shape
     }
 
     pub fn dtype(&self) -> Option<DType> {
-        DType::from_tract(self.tensor.datum_type())
+        self.dtype
     }
 
     /// Raw little-endian bytes (empty for tensors not held in plain memory).
     pub fn bytes(&self) -> &[u8] {
-        self.tensor.as_plain_ram().map(|v| v.as_bytes()).unwrap_or(&[])
+        self.bytes
     }
 
     /// Element `i` as f64 (for ranking and JSON), whatever the dtype.
     pub fn get_f64(&self, i: usize) -> Option<f64> {
-        let dt = self.dtype()?;
-        let b = self.bytes().get(i * dt.size()..(i + 1) * dt.size())?;
+        let dt = self.dtype?;
+        let b = self.bytes.get(i * dt.size()..(i + 1) * dt.size())?;
         Some(decode_le(dt, b))
     }
 
     pub fn len(&self) -> usize {
-        self.tensor.len()
+        self.dtype.map_or(0, |dt| self.bytes.len() / dt.size().max(1))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tensor.len() == 0
+        self.len() == 0
     }
 }
 

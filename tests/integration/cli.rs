@@ -57,6 +57,20 @@ fn validate_accepts_valid_configs_and_loads_models_on_request() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("format \"raw\" carries exactly one input tensor"), "{stderr}");
+    // max_batch needs a symbolic batch axis: two_inputs has fixed shapes.
+    fs::write(
+        &cfg,
+        format!(
+            "[pipelines.p]\nmodel = {:?}\ninput = \"a/+\"\nmax_batch = 4\n",
+            model.display().to_string()
+        ),
+    )
+    .expect("write");
+    let out = edgeinfer(&["validate", "--config", cfg.to_str().expect("utf8"), "--models"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("max_batch = 4 needs a symbolic leading (batch) axis"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
     // A missing config file is a config error with a hint.
     let out = edgeinfer(&["validate", "--config", "/nonexistent/edgeinfer.toml"]);
     assert_eq!(out.status.code(), Some(78));

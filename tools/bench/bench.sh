@@ -34,25 +34,12 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import onnxruntime,
 fi
 PY="$venv/bin/python"
 
-# A broker of our own on a free port, with Nagle off (a latency benchmark otherwise measures
-# TCP's 40 ms delayed-ACK stalls).
-port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$out/mosquitto.conf" <<CONF
-listener $port 127.0.0.1
-allow_anonymous true
-persistence false
-set_tcp_nodelay true
-max_queued_messages 100000
-max_inflight_messages 1000
-$( [[ "$(id -u)" -eq 0 ]] && echo "user root" )
-CONF
-mosquitto -c "$out/mosquitto.conf" > "$out/mosquitto.log" 2>&1 &
-mqpid=$!
+# A broker of our own on a free port (tools/bench/lib.sh).
+source tools/bench/lib.sh
+start_broker "$out"
 svc=""
 cleanup() { [[ -n "$svc" ]] && kill "$svc" 2>/dev/null; kill "$mqpid" 2>/dev/null || true; }
 trap cleanup EXIT
-sleep 0.5
-broker="127.0.0.1:$port"
 
 ncpu=$(nproc)
 workers=$(( ncpu > 1 ? ncpu - 1 : 1 ))

@@ -15,7 +15,10 @@ use crate::telemetry::{DropReason, Snapshot};
 /// What the previous step saw, per pipeline.
 pub(super) struct ControlState {
     at: Instant,
+    /// Service histogram at the previous step (for busy time per step).
     service: Vec<Snapshot>,
+    /// Service histogram at the start of the P99 window.
+    service_base: Vec<Snapshot>,
     /// Latest service-time P99 per pipeline (kept while too few frames arrive to re-measure).
     service_p99: Vec<Option<Duration>>,
 }
@@ -25,6 +28,7 @@ impl ControlState {
         ControlState {
             at: Instant::now(),
             service: app.pipelines.iter().map(|p| p.stats.service.snapshot()).collect(),
+            service_base: app.pipelines.iter().map(|p| p.stats.service.snapshot()).collect(),
             service_p99: vec![None; app.pipelines.len()],
         }
     }
@@ -56,12 +60,18 @@ pub(super) fn step(app: &App, st: &mut ControlState) -> bool {
     });
     let mut changed = false;
     for (i, p) in app.pipelines.iter().enumerate() {
+        // Service P99 over the frames since a baseline that moves forward every ~200 frames:
+        // recent, yet enough frames for a P99 even at a few frames per second.
         let service = p.stats.service.snapshot();
+        let recent = service.since(&st.service_base[i]);
+        if recent.count() >= 20 {
+            st.service_p99[i] = recent.quantile(0.99);
+        }
+        if recent.count() >= 200 {
+            st.service_base[i] = service.clone();
+        }
         let delta = service.since(&st.service[i]);
         st.service[i] = service;
-        if delta.count() >= 20 {
-            st.service_p99[i] = delta.quantile(0.99);
-        }
         if p.adaptive() {
             let inputs = Inputs {
                 elapsed,
@@ -76,9 +86,23 @@ pub(super) fn step(app: &App, st: &mut ControlState) -> bool {
             };
             let mut c = p.controller.lock().unwrap_or_else(|e| e.into_inner());
             let limit = c.tick(&p.shedder, &inputs);
+            if !p.batch_models.is_empty() {
+                let sizes: Vec<usize> = p.batch_sizes().collect();
+                let run_time = |b: usize| {
+                    let (runs, total) = p.stats.batch_stats(b);
+                    (runs > 0).then(|| total / runs as u32)
+                };
+                let objective = inputs
+                    .objective
+                    .map(|o| o.saturating_sub(inputs.service_p99.unwrap_or_default()));
+                let b = overload::pick_batch(&sizes, run_time, c.service_time(), objective);
+                p.set_batch_limit(b);
+                c.set_batch_limit(p.batch_limit());
+            }
             // The deadline check at dequeue budgets for a slow run, not an average one: a
             // frame admitted with only the mean left would miss whenever the run is slow.
-            if let Some(t) = st.service_p99[i].or(c.service_time()) {
+            // Before a P99 exists, twice the mean stands in for it.
+            if let Some(t) = st.service_p99[i].or(c.service_time().map(|t| t * 2)) {
                 p.expected_service_ns.store(t.as_nanos() as u64, Ordering::Relaxed);
             }
             drop(c);

@@ -131,7 +131,8 @@ pub fn run(config: Config, stop: StopHandle) -> Result<(), AppError> {
 }
 
 /// A loaded, warmed-up model with its labels, per pipeline (config order).
-type Loaded = Vec<(Model, Vec<String>)>;
+/// Per pipeline: the model, its labels, and its batched plans (ascending batch size).
+type Loaded = Vec<(Model, Vec<String>, Vec<Model>)>;
 
 /// Opens every file and loads, optimizes and warms up every model. No side effects on the
 /// system: `edgeinfer validate --models` runs this too.
@@ -177,8 +178,84 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
             },
             PostProcess::Raw => Vec::new(),
         };
-        out.push((model, labels));
+        let batched = batch_models(pc, &model)?;
+        out.push((model, labels, batched));
     }
+    Ok(out)
+}
+
+/// Batch sizes a worker can run for `max_batch`: powers of two below it, and itself.
+pub fn batch_sizes(max_batch: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (1..).map(|k| 1usize << k).take_while(|b| *b < max_batch).collect();
+    if max_batch > 1 {
+        v.push(max_batch);
+    }
+    v
+}
+
+/// Loads and warms up one plan per batch size for a pipeline with `max_batch > 1`. The model's
+/// every input must have a symbolic leading axis (the file decides whether batching is
+/// possible), not fixed by `input_shapes`, and every output must carry the batch axis too.
+fn batch_models(
+    pc: &crate::config::PipelineConfig,
+    single: &Model,
+) -> Result<Vec<Model>, AppError> {
+    let mismatch = |message: String| AppError::Mismatch { pipeline: pc.name.clone(), message };
+    let sizes = batch_sizes(pc.max_batch);
+    if sizes.is_empty() {
+        return Ok(Vec::new());
+    }
+    for i in &single.inputs {
+        let symbolic = matches!(i.declared.first(), Some(crate::model::Dim::Symbol(_)));
+        if !symbolic || pc.input_shapes.contains_key(&i.name) {
+            return Err(mismatch(format!(
+                "max_batch = {} needs a symbolic leading (batch) axis on every input, but input `{}` has shape {}{};                  hint: export the model with a dynamic batch axis, or set max_batch = 1",
+                pc.max_batch,
+                i.name,
+                i.shape_string(),
+                if pc.input_shapes.contains_key(&i.name) { " fixed by input_shapes" } else { "" }
+            )));
+        }
+    }
+    let t = std::time::Instant::now();
+    let mut out = Vec::with_capacity(sizes.len());
+    for b in sizes {
+        let input_shapes = single
+            .inputs
+            .iter()
+            .map(|i| {
+                let mut shape = i.shape.clone();
+                if let Some(first) = shape.first_mut() {
+                    *first = b;
+                }
+                (i.name.clone(), shape)
+            })
+            .collect();
+        let opts = LoadOptions {
+            name: single.name.clone(),
+            version: Some(single.version.clone()),
+            input_shapes,
+            ..LoadOptions::default()
+        };
+        let m = Model::load(&single.path, &opts)
+            .map_err(|source| AppError::Model { pipeline: pc.name.clone(), source })?;
+        if let Some(o) = m.outputs.iter().find(|o| o.shape.first() != Some(&b)) {
+            return Err(mismatch(format!(
+                "max_batch = {}: output `{}` has shape {} at batch {b}, without the batch axis first;                  hint: set max_batch = 1 for this model",
+                pc.max_batch,
+                o.name,
+                o.shape_string()
+            )));
+        }
+        m.warm_up().map_err(|source| AppError::WarmUp { pipeline: pc.name.clone(), source })?;
+        out.push(m);
+    }
+    log::info!(
+        pipeline = pc.name.as_str();
+        "batched plans for {:?} frames built and warmed up in {:?}",
+        out.iter().map(|m| m.inputs.first().and_then(|i| i.shape.first()).copied().unwrap_or(0)).collect::<Vec<_>>(),
+        t.elapsed()
+    );
     Ok(out)
 }
 
@@ -187,7 +264,7 @@ fn build_pipelines(config: &Config, loaded: Loaded) -> Result<Vec<Arc<Pipeline>>
         .pipelines
         .iter()
         .zip(loaded)
-        .map(|(pc, (model, labels))| {
+        .map(|(pc, (model, labels, batched))| {
             Pipeline::new(
                 pc.clone(),
                 model,
@@ -196,7 +273,7 @@ fn build_pipelines(config: &Config, loaded: Loaded) -> Result<Vec<Arc<Pipeline>>
                 &config.errors,
                 config.metrics.max_clock_skew,
             )
-            .map(Arc::new)
+            .map(|p| Arc::new(p.with_batch_models(batched)))
             .map_err(|message| AppError::Mismatch { pipeline: pc.name.clone(), message })
         })
         .collect()
@@ -232,7 +309,7 @@ pub fn start(mut config: Config) -> Result<App, AppError> {
     // Bytes a queued frame holds: its input tensors plus topic strings and bookkeeping.
     let frame_bytes: Vec<usize> = loaded
         .iter()
-        .map(|(m, _)| m.inputs.iter().map(|i| i.byte_len()).sum::<usize>() + 512)
+        .map(|(m, _, _)| m.inputs.iter().map(|i| i.byte_len()).sum::<usize>() + 512)
         .collect();
     system::fit_queues(&mut config, &frame_bytes, &sys);
     let pipelines = build_pipelines(&config, loaded)?;

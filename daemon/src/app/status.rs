@@ -47,6 +47,19 @@ fn overload_json(p: &Pipeline) -> Value {
     v
 }
 
+/// Micro-batching: the limit now and batched runs by size (`null` without batched plans).
+fn batching_json(p: &Pipeline) -> Value {
+    if p.batch_models.is_empty() {
+        return Value::Null;
+    }
+    let runs: Map<String, Value> = p
+        .batch_sizes()
+        .filter(|b| *b > 1)
+        .map(|b| (b.to_string(), json!(p.stats.batch_stats(b).0)))
+        .collect();
+    json!({"max_batch": p.cfg.max_batch, "limit": p.batch_limit(), "runs": runs})
+}
+
 /// Process and host readings (CPU time, threads, clock frequencies, temperatures).
 fn process_json() -> Value {
     procfs::read_process(std::path::Path::new(PROC_ROOT))
@@ -90,6 +103,7 @@ pub fn online(app: &App) -> Vec<u8> {
                 },
                 "slo": slo_json(p),
                 "overload": overload_json(p),
+                "batching": batching_json(p),
             }),
         );
     }
@@ -187,6 +201,7 @@ pub fn metrics(app: &App) -> Vec<u8> {
             );
             o.insert("slo".into(), slo_json(p));
             o.insert("overload".into(), overload_json(p));
+            o.insert("batching".into(), batching_json(p));
         }
         pipelines.insert(p.name().to_string(), c);
     }
@@ -383,6 +398,26 @@ pub fn prometheus(app: &App) -> String {
         e.family(name, Kind::Histogram, help);
         for p in ps {
             e.histogram(name, &[("pipeline", p.name())], &f(p));
+        }
+    }
+
+    // Micro-batching.
+    e.family("edgeinfer_batch_limit", Kind::Gauge, "Frames a worker may take into one inference.");
+    for p in ps {
+        e.sample("edgeinfer_batch_limit", &[("pipeline", p.name())], p.batch_limit() as f64);
+    }
+    e.family(
+        "edgeinfer_batch_runs_total",
+        Kind::Counter,
+        "Batched inferences by batch size (single-frame runs are not counted here).",
+    );
+    for p in ps {
+        for b in p.batch_sizes().filter(|b| *b > 1) {
+            e.sample(
+                "edgeinfer_batch_runs_total",
+                &[("pipeline", p.name()), ("size", &b.to_string())],
+                p.stats.batch_stats(b).0 as f64,
+            );
         }
     }
 

@@ -297,6 +297,9 @@ pub enum Qos {
     ExactlyOnce,
 }
 
+/// Largest `max_batch` accepted.
+pub const MAX_BATCH: usize = 64;
+
 /// One model served on one input stream.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -314,6 +317,8 @@ pub struct PipelineConfig {
     /// Concrete shapes for model inputs whose stored shape has symbolic or unknown dimensions.
     pub input_shapes: BTreeMap<String, Vec<usize>>,
     pub workers: usize,
+    /// Frames a worker may run in one inference (models with a symbolic batch axis); 1: off.
+    pub max_batch: usize,
     /// CPUs the workers are pinned to (worker i -> cpus[i % len]); empty: not pinned.
     pub cpus: Vec<usize>,
     pub queue: QueueConfig,
@@ -988,6 +993,7 @@ fn pipeline(
         shapes.finish(p);
     }
     let workers = s.int(p, "workers", 1, 256).map_or(1, |n| n as usize);
+    let max_batch = s.int(p, "max_batch", 1, MAX_BATCH as i64).map_or(1, |n| n as usize);
     let cpus = cpu_list(&mut s, p, "cpus").unwrap_or_default();
     let queue = {
         let mut q = s.table(p, "queue");
@@ -1107,6 +1113,7 @@ fn pipeline(
         nan,
         input_shapes,
         workers,
+        max_batch,
         cpus,
         queue,
         postprocess,

@@ -12,7 +12,7 @@ pub mod overload;
 pub mod queue;
 mod worker;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -124,6 +124,11 @@ pub struct Pipeline {
     /// Expected worker time per frame in nanoseconds (from the controller; 0: unknown), for
     /// deciding at dequeue whether a frame can still meet its deadline.
     pub expected_service_ns: AtomicU64,
+    /// Plans for batched runs, ascending batch size (empty unless `max_batch > 1`).
+    pub batch_models: Vec<Model>,
+    /// Frames a worker may take into one run now (the controller lowers it to meet the
+    /// objective; `max_batch` otherwise).
+    batch_limit: AtomicUsize,
 }
 
 impl Pipeline {
@@ -167,6 +172,8 @@ impl Pipeline {
             shedder: Shedder::default(),
             controller: Mutex::new(Controller::default()),
             expected_service_ns: AtomicU64::new(0),
+            batch_models: Vec::new(),
+            batch_limit: AtomicUsize::new(1),
             max_clock_skew,
             error_topic: errors.topic.render(device_id, &cfg.name),
             errors: ErrorLimiter {
@@ -186,6 +193,32 @@ impl Pipeline {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// Adds the batched plans (ascending batch size) built for `max_batch`.
+    pub fn with_batch_models(mut self, models: Vec<Model>) -> Self {
+        let max = models.last().and_then(|m| m.inputs.first()).and_then(|i| i.shape.first());
+        self.batch_limit = AtomicUsize::new(max.copied().unwrap_or(1).max(1));
+        self.batch_models = models;
+        self
+    }
+
+    /// Batch sizes with a plan, ascending (1 always).
+    pub fn batch_sizes(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::once(1).chain(
+            self.batch_models.iter().filter_map(|m| m.inputs.first()?.shape.first().copied()),
+        )
+    }
+
+    /// Frames a worker may take into one run now.
+    pub fn batch_limit(&self) -> usize {
+        self.batch_limit.load(Ordering::Relaxed)
+    }
+
+    /// Sets the batch limit (clamped to 1..=the largest plan).
+    pub fn set_batch_limit(&self, n: usize) {
+        let max = self.batch_sizes().max().unwrap_or(1);
+        self.batch_limit.store(n.clamp(1, max), Ordering::Relaxed);
     }
 
     /// Whether adaptive overload control steers this pipeline: switched on (the default) and

@@ -60,19 +60,21 @@ impl ResultWriter {
         Ok(Self { post, labels, score_output, output_names, scratch: Vec::new() })
     }
 
-    /// Serializes the result of the last run of `session` into `buf` (cleared first).
+    /// Serializes the result of the last run of `session` for the frame in row `row` (0 unless
+    /// the session ran a batch) into `buf` (cleared first).
     pub fn write(
         &mut self,
         buf: &mut Vec<u8>,
         meta: &ResultMeta<'_>,
         model: &Model,
         session: &Session,
+        row: usize,
     ) -> serde_json::Result<()> {
         buf.clear();
         let (top_k, include_outputs) = match &self.post {
             PostProcess::Raw => (None, true),
             PostProcess::Classification(c) => {
-                match session.output(self.score_output) {
+                match session.output_row(self.score_output, row) {
                     Some(out) => rank(
                         &mut self.scratch,
                         (0..out.len()).map(|i| out.get_f64(i).unwrap_or(f64::NAN)),
@@ -97,7 +99,7 @@ impl ResultWriter {
                 inference: meta.inference_us,
                 total: meta.total_us,
             },
-            outputs: include_outputs.then_some(Outputs { session, names: &self.output_names }),
+            outputs: include_outputs.then_some(Outputs { session, row, names: &self.output_names }),
             top_k,
         };
         serde_json::to_writer(buf, &msg)
@@ -164,13 +166,14 @@ struct Timing {
 
 struct Outputs<'a> {
     session: &'a Session,
+    row: usize,
     names: &'a [String],
 }
 
 impl Serialize for Outputs<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.names.len()))?;
-        for (i, out) in self.session.outputs().enumerate() {
+        for (i, out) in self.session.outputs_row(self.row).enumerate() {
             seq.serialize_element(&OutputMsg {
                 name: self.names.get(i).map_or("", String::as_str),
                 dtype: out.dtype().map_or("unknown", DType::name),

@@ -193,6 +193,20 @@ impl<T> FrameQueue<T> {
         }
     }
 
+    /// Takes up to `max` more items without waiting (for a batch), appending them to `out`.
+    /// Each must be finished with [`FrameQueue::done`] like a popped one.
+    pub fn pop_more(&self, out: &mut Vec<T>, max: usize) {
+        let mut g = self.lock();
+        let n = max.min(g.items.len());
+        if n == 0 {
+            return;
+        }
+        out.extend(g.items.drain(..n));
+        g.in_flight += n;
+        drop(g);
+        self.changed.notify_waiters();
+    }
+
     /// Marks one popped item as finished.
     pub fn done(&self) {
         let mut g = self.lock();
@@ -253,6 +267,25 @@ mod tests {
         assert!(matches!(q.push(7), Push::Queued));
         assert_eq!(q.set_limit(0), vec![5, 6]);
         assert_eq!(q.limit(), 1, "never below one");
+    }
+
+    #[test]
+    fn pop_more_takes_what_is_there_without_waiting() {
+        let q = FrameQueue::new(8, DropPolicy::DropOldest);
+        for i in 0..3 {
+            q.push(i);
+        }
+        let mut out = vec![];
+        assert!(matches!(q.pop(Duration::ZERO), Pop::Item(0)));
+        q.pop_more(&mut out, 5);
+        assert_eq!(out, vec![1, 2]);
+        assert_eq!((q.depth(), q.in_flight()), (0, 3));
+        q.pop_more(&mut out, 5);
+        assert_eq!(out.len(), 2, "nothing left: returns at once");
+        for _ in 0..3 {
+            q.done();
+        }
+        assert!(q.is_idle());
     }
 
     #[test]

@@ -317,3 +317,103 @@ fn device_timestamps_feed_end_to_end_latency_unless_skewed() {
     assert_eq!(p.stats.total.snapshot().count(), 2);
     assert_eq!(p.stats.service.snapshot().count(), 2);
 }
+
+/// The sensor CNN (symbolic batch axis) with batched plans for 2 and 4 frames, raw format.
+fn batched_pipeline() -> Arc<Pipeline> {
+    let model_path = fixture("sensor_cnn/model.onnx");
+    let text = format!(
+        "device_id = \"b\"\n[pipelines.cnn]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\n\
+         format = \"raw\"\nmax_batch = 4\n",
+        model_path.display().to_string()
+    );
+    let cfg = Config::parse_str(&text, "test", None).expect("config");
+    let pc = cfg.pipelines[0].clone();
+    let load = |b: usize| {
+        let mut input_shapes = std::collections::BTreeMap::new();
+        if b > 1 {
+            input_shapes.insert("accel".to_string(), vec![b, 3, 128]);
+        }
+        Model::load(
+            &pc.model,
+            &LoadOptions { name: pc.name.clone(), input_shapes, ..Default::default() },
+        )
+        .expect("model")
+    };
+    let p = Pipeline::new(
+        pc.clone(),
+        load(1),
+        Vec::new(),
+        &cfg.device_id,
+        &cfg.errors,
+        cfg.metrics.max_clock_skew,
+    )
+    .expect("pipeline")
+    .with_batch_models(vec![load(2), load(4)]);
+    Arc::new(p)
+}
+
+fn cnn_sample(i: usize, what: &str) -> Vec<u8> {
+    std::fs::read(fixture(&format!("sensor_cnn/samples/{i:03}/{what}"))).expect("sample")
+}
+
+#[test]
+fn batched_runs_give_each_frame_its_own_reference_output() {
+    let p = batched_pipeline();
+    assert_eq!(p.batch_sizes().collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert_eq!(p.batch_limit(), 4);
+    let rec = Arc::new(Recorder::default());
+    let filter = TopicFilter::parse("s/+").expect("filter");
+    // Seven frames queued before any worker runs: one batch of 4, one of 2, one single.
+    for i in 0..7 {
+        let topic = format!("s/d{i}");
+        let caps = filter.matches(&topic).expect("match");
+        let payload = Bytes::from(cnn_sample(i, "input.accel.bin"));
+        assert!(p.ingest(topic, caps, payload, &*rec).is_none());
+    }
+    let _workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
+    wait_idle(&p);
+    assert_eq!(p.stats.batch_stats(4).0, 1, "one batch of 4");
+    assert_eq!(p.stats.batch_stats(2).0, 1, "one batch of 2");
+    assert_eq!(p.stats.served.load(Ordering::Relaxed), 7);
+    let msgs = rec.take();
+    assert_eq!(msgs.len(), 7);
+    for (topic, v) in msgs {
+        let i: usize = topic.trim_start_matches("r/d").parse().expect("device index");
+        let want: Vec<f32> = cnn_sample(i, "output.logits.bin")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let out = &v["outputs"][0];
+        assert_eq!(out["shape"], serde_json::json!([1, 4]), "a row of the batch, not the batch");
+        let got: Vec<f64> =
+            out["data"].as_array().expect("data").iter().map(|x| x.as_f64().expect("f")).collect();
+        assert_eq!(got.len(), 4);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - *w as f64).abs() <= 1e-4 * (w.abs() as f64).max(1.0),
+                "{i}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_limit_one_runs_frames_singly() {
+    let p = batched_pipeline();
+    p.set_batch_limit(1);
+    let rec = Arc::new(Recorder::default());
+    let filter = TopicFilter::parse("s/+").expect("filter");
+    for i in 0..4 {
+        let topic = format!("s/d{i}");
+        let caps = filter.matches(&topic).expect("match");
+        assert!(
+            p.ingest(topic, caps, Bytes::from(cnn_sample(i, "input.accel.bin")), &*rec).is_none()
+        );
+    }
+    let _workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
+    wait_idle(&p);
+    assert_eq!(p.stats.batch_stats(4).0 + p.stats.batch_stats(2).0, 0);
+    assert_eq!(rec.take().len(), 4);
+    p.set_batch_limit(100);
+    assert_eq!(p.batch_limit(), 4, "clamped to the largest plan");
+}

@@ -60,13 +60,18 @@ pub(super) fn start(
             .name(name.clone())
             .spawn(move || {
                 place_current_thread(&placement, pl.name());
-                let session = match pl.model.session() {
+                let sessions = std::iter::once(&pl.model)
+                    .chain(pl.batch_models.iter())
+                    .map(|m| m.session())
+                    .collect::<Result<Vec<Session>, _>>();
+                let mut sessions = match sessions {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready.send(Err(format!("worker {i}: {e}")));
                         return;
                     }
                 };
+                let session = sessions.remove(0);
                 let writer = match ResultWriter::new(
                     pl.cfg.postprocess.clone(),
                     pl.labels.clone(),
@@ -80,7 +85,7 @@ pub(super) fn start(
                 };
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                run(&pl, session, writer, &*pb, &pr);
+                run(&pl, session, sessions, writer, &*pb, &pr);
             })
             .map_err(|e| format!("cannot spawn worker thread: {e}"))?;
         handles.push(WorkerHandle { name, thread, progress });
@@ -127,17 +132,39 @@ fn place_current_thread(placement: &Placement, pipeline: &str) {
 fn run(
     p: &Pipeline,
     mut session: Session,
+    mut batched: Vec<Session>,
     mut writer: ResultWriter,
     publisher: &dyn Publisher,
     progress: &AtomicU64,
 ) {
     let mut scratch =
         Scratch { payload: Vec::with_capacity(4096), topic: String::with_capacity(128) };
+    let mut frames: Vec<Frame> = Vec::with_capacity(p.cfg.max_batch.max(1));
     loop {
         match p.queue.pop(IDLE_TICK) {
             Pop::Item(frame) => {
-                p.serve_frame(&mut session, &mut writer, &mut scratch, frame, publisher);
-                p.queue.done();
+                let limit = p.batch_limit();
+                if limit > 1 {
+                    // Whatever else is already queued, up to the batch limit: batching never
+                    // waits for frames that have not arrived.
+                    frames.push(frame);
+                    p.queue.pop_more(&mut frames, limit - 1);
+                    let n = frames.len();
+                    p.serve_frames(
+                        &mut session,
+                        &mut batched,
+                        &mut writer,
+                        &mut scratch,
+                        &mut frames,
+                        publisher,
+                    );
+                    for _ in 0..n {
+                        p.queue.done();
+                    }
+                } else {
+                    p.serve_frame(&mut session, &mut writer, &mut scratch, frame, publisher);
+                    p.queue.done();
+                }
             }
             Pop::Timeout => {}
             Pop::Closed => break,
@@ -190,46 +217,171 @@ impl Pipeline {
         session: &mut Session,
         writer: &mut ResultWriter,
         scratch: &mut Scratch,
-        mut frame: Frame,
+        frame: Frame,
         publisher: &dyn Publisher,
     ) {
         #[cfg(feature = "fault-hooks")]
         crate::fault::maybe_wedge(frame.seq);
-        let p = self;
         let picked = Instant::now();
         let queue_wait = picked.saturating_duration_since(frame.received);
-        p.stats.queue_wait.record(queue_wait);
-        if let Some(reason) = p.stale(&frame, picked) {
-            p.stats.drop_frame(reason);
+        self.stats.queue_wait.record(queue_wait);
+        if let Some(reason) = self.stale(&frame, picked) {
+            self.stats.drop_frame(reason);
             return;
         }
-        // One copy: wire bytes (or the JSON decoder's buffer) -> the session's input tensor.
+        self.serve_one(session, writer, scratch, frame, queue_wait, publisher);
+    }
+
+    /// Copy in, run, publish one frame already picked (and checked) on an unbatched session.
+    fn serve_one(
+        &self,
+        session: &mut Session,
+        writer: &mut ResultWriter,
+        scratch: &mut Scratch,
+        mut frame: Frame,
+        queue_wait: Duration,
+        publisher: &dyn Publisher,
+    ) {
+        let started = Instant::now();
+        if !self.copy_inputs(session, &mut frame, 0) {
+            return;
+        }
+        let Some(inference) = self.run_session(session, std::slice::from_ref(&frame), publisher)
+        else {
+            return;
+        };
+        self.publish_result(session, writer, scratch, &frame, 0, queue_wait, inference, publisher);
+        self.stats.service.record(started.elapsed());
+    }
+
+    /// Serves frames taken together from the queue (up to the batch limit): stale ones are
+    /// dropped first, the rest run in the largest batched plans they fill completely (so no
+    /// row is padding), the remainder one by one.
+    pub fn serve_frames(
+        &self,
+        single: &mut Session,
+        batched: &mut [Session],
+        writer: &mut ResultWriter,
+        scratch: &mut Scratch,
+        frames: &mut Vec<Frame>,
+        publisher: &dyn Publisher,
+    ) {
+        let picked = Instant::now();
+        frames.retain(|f| {
+            self.stats.queue_wait.record(picked.saturating_duration_since(f.received));
+            match self.stale(f, picked) {
+                Some(reason) => {
+                    self.stats.drop_frame(reason);
+                    false
+                }
+                None => true,
+            }
+        });
+        while !frames.is_empty() {
+            let n = frames.len();
+            match batched.iter_mut().rev().find(|s| s.rows() <= n) {
+                Some(session) => {
+                    let rows = session.rows();
+                    self.serve_batch(session, writer, scratch, &mut frames[..rows], publisher);
+                    frames.drain(..rows);
+                }
+                None => {
+                    let frame = frames.remove(0);
+                    let queue_wait = picked.saturating_duration_since(frame.received);
+                    self.serve_one(single, writer, scratch, frame, queue_wait, publisher);
+                }
+            }
+        }
+    }
+
+    /// One batched run: every frame's inputs into its row, one inference, one result per row.
+    fn serve_batch(
+        &self,
+        session: &mut Session,
+        writer: &mut ResultWriter,
+        scratch: &mut Scratch,
+        frames: &mut [Frame],
+        publisher: &dyn Publisher,
+    ) {
+        let started = Instant::now();
+        for (row, frame) in frames.iter_mut().enumerate() {
+            if !self.copy_inputs(session, frame, row) {
+                return;
+            }
+        }
+        let Some(inference) = self.run_session(session, frames, publisher) else { return };
+        self.stats.record_batch(frames.len(), inference);
+        for (row, frame) in frames.iter().enumerate() {
+            let queue_wait = started.saturating_duration_since(frame.received);
+            self.publish_result(
+                session, writer, scratch, frame, row, queue_wait, inference, publisher,
+            );
+        }
+        // Worker time per frame: the batch's share, so service rates stay frames per second.
+        let share = started.elapsed() / frames.len().max(1) as u32;
+        for _ in 0..frames.len() {
+            self.stats.service.record(share);
+        }
+    }
+
+    /// Copies a frame's inputs into row `row` of the session's input tensors (one copy: wire
+    /// bytes or the JSON decoder's buffer -> the tensor), then releases the frame's buffers.
+    fn copy_inputs(&self, session: &mut Session, frame: &mut Frame, row: usize) -> bool {
         for (i, bytes) in frame.inputs.iter().enumerate() {
-            let dst = session.input_mut(i);
+            let dst = session.input_row_mut(i, row);
             if dst.len() != bytes.len() {
                 // The decoder sized the buffer from the same spec; this is a bug, not bad input.
-                p.stats.fail(FailReason::Inference);
-                log::error!(pipeline = p.name(); "input {i} size mismatch {} != {}", dst.len(), bytes.len());
-                return;
+                self.stats.fail(FailReason::Inference);
+                log::error!(pipeline = self.name(); "input {i} size mismatch {} != {}", dst.len(), bytes.len());
+                return false;
             }
             dst.copy_from_slice(bytes);
         }
         // Release the MQTT packet buffer before the (long) inference.
         frame.inputs.clear();
+        true
+    }
+
+    /// Runs the session; on failure counts and reports every frame in it.
+    fn run_session(
+        &self,
+        session: &mut Session,
+        frames: &[Frame],
+        publisher: &dyn Publisher,
+    ) -> Option<Duration> {
         let t = Instant::now();
         if let Err(e) = session.run() {
-            p.stats.fail(FailReason::Inference);
-            p.report_error(
-                publisher,
-                &frame.topic,
-                FailReason::Inference.as_str(),
-                &e.to_string(),
-                frame.seq,
-                true,
-            );
-            return;
+            let detail = e.to_string();
+            for f in frames {
+                self.stats.fail(FailReason::Inference);
+                self.report_error(
+                    publisher,
+                    &f.topic,
+                    FailReason::Inference.as_str(),
+                    &detail,
+                    f.seq,
+                    true,
+                );
+            }
+            return None;
         }
-        let inference = t.elapsed();
+        Some(t.elapsed())
+    }
+
+    /// Serializes row `row` of the last run as `frame`'s result, publishes it, counts.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_result(
+        &self,
+        session: &Session,
+        writer: &mut ResultWriter,
+        scratch: &mut Scratch,
+        frame: &Frame,
+        row: usize,
+        queue_wait: Duration,
+        inference: Duration,
+        publisher: &dyn Publisher,
+    ) {
+        let p = self;
         p.stats.inference.record(inference);
         let total = frame.received.elapsed();
         let meta = ResultMeta {
@@ -243,7 +395,7 @@ impl Pipeline {
             inference_us: inference.as_micros() as u64,
             total_us: total.as_micros() as u64,
         };
-        if let Err(e) = writer.write(&mut scratch.payload, &meta, &p.model, session) {
+        if let Err(e) = writer.write(&mut scratch.payload, &meta, &p.model, session, row) {
             p.stats.fail(FailReason::Publish);
             log::error!(pipeline = p.name(); "cannot serialize result: {e}");
             return;
@@ -263,7 +415,6 @@ impl Pipeline {
                 if let Some(age) = frame.device_age {
                     p.stats.end_to_end.record(age + total);
                 }
-                p.stats.service.record(picked.elapsed());
             }
             Err(e) => {
                 p.stats.fail(FailReason::Publish);

@@ -145,6 +145,26 @@ pub struct PipelineStats {
     pub slow: AtomicU64,
     /// The SLO latency objective in nanoseconds (0: none).
     pub slo_threshold_ns: AtomicU64,
+    batches: BatchCounters,
+}
+
+/// Batch sizes tracked (0..=64, matching `config::MAX_BATCH`).
+pub const BATCH_SLOTS: usize = 65;
+
+/// Batched runs by batch size (index = frames in the run; unbatched runs are not counted), and
+/// their total run time (the controller's cost per size).
+struct BatchCounters {
+    runs: [AtomicU64; BATCH_SLOTS],
+    ns: [AtomicU64; BATCH_SLOTS],
+}
+
+impl Default for BatchCounters {
+    fn default() -> Self {
+        BatchCounters {
+            runs: std::array::from_fn(|_| AtomicU64::new(0)),
+            ns: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 fn idx<T: PartialEq>(all: &[T], r: &T) -> usize {
@@ -188,6 +208,21 @@ impl PipelineStats {
         if threshold > 0 && total.as_nanos() > u128::from(threshold) {
             self.slow.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a batched run of `size` frames that took `run`.
+    pub fn record_batch(&self, size: usize, run: Duration) {
+        if let (Some(c), Some(t)) = (self.batches.runs.get(size), self.batches.ns.get(size)) {
+            c.fetch_add(1, Ordering::Relaxed);
+            t.fetch_add(run.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// (runs, total run time) of batched runs of `size` frames.
+    pub fn batch_stats(&self, size: usize) -> (u64, Duration) {
+        let runs = self.batches.runs.get(size).map_or(0, |c| c.load(Ordering::Relaxed));
+        let ns = self.batches.ns.get(size).map_or(0, |c| c.load(Ordering::Relaxed));
+        (runs, Duration::from_nanos(ns))
     }
 
     /// Cumulative counts for the SLO tracker.
