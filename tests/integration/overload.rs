@@ -28,6 +28,8 @@ struct Outcome {
     worst_slo: String,
     rss_mid: u64,
     rss_end: u64,
+    /// The daemon's log (stderr).
+    log: String,
 }
 
 fn overload(adaptive: bool) -> Outcome {
@@ -126,6 +128,7 @@ fn overload(adaptive: bool) -> Outcome {
         *results.entry(dev).or_insert(0) += 1;
     }
     Outcome {
+        log: daemon.log(),
         rss_end: last["rss_bytes"].as_u64().unwrap_or(0),
         pipeline,
         results,
@@ -200,6 +203,14 @@ fn without_adaptive_control_the_queue_fills_and_the_slo_is_breached() {
     assert_eq!(c["dropped"]["shed"], 0, "{c}");
     assert!(c["dropped"]["queue_full"].as_u64().unwrap_or(0) > 0, "{c}");
     assert_eq!(p["overload"]["enabled"], false);
+    // Each SLO transition is a WARN with the numbers.
+    assert!(
+        o.log
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("SLO ") && l.contains("-> breached")),
+        "no WARN for the breach in the log:\n{}",
+        o.log
+    );
     assert_memory_bounded(&o);
 }
 
