@@ -11,10 +11,11 @@
 //! - [`Controller`], ticked every `overload.interval`: reads the arrival rate (per device), the
 //!   service rate (frames per second of worker busy time), the latency objective and memory
 //!   pressure, and decides
-//!   1. the admission rate: when arrivals exceed the service rate, or exceed `UTILIZATION` x
-//!      service rate while the queue is building up (half way to its limit), a max-min fair
-//!      share of `UTILIZATION` x service rate per device (water-filling: quiet devices keep everything, chatty ones
-//!      are sampled 1-in-N down to the share), so one chatty sensor cannot starve the rest;
+//!   1. the admission rate: when arrivals exceed `OVERRATE` x the service rate, or exceed
+//!      `UTILIZATION` x service rate while the queue is building up (half way to its limit), a
+//!      max-min fair share of `UTILIZATION` x service rate per device (water-filling: quiet
+//!      devices keep everything, chatty ones are sampled 1-in-N down to the share), so one
+//!      chatty sensor cannot starve the rest;
 //!   2. the effective queue limit: by Little's law, a frame behind `k` others waits about
 //!      `k / service_rate`, so at most `(objective - service P99) x service_rate` frames may wait
 //!      (never more than the configured capacity);
@@ -32,8 +33,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Fraction of the measured service rate the controller admits (headroom for jitter).
-pub const UTILIZATION: f64 = 0.9;
+/// Fraction of the measured service rate the controller admits while shedding (headroom for
+/// jitter in the rate estimates; the README's overload table was measured with this value).
+pub const UTILIZATION: f64 = 0.95;
+/// Arrivals above this multiple of the service rate start shedding even with a short queue
+/// (the rate estimates are noisy: at exactly 1x saturation 1.0 flapped into shedding).
+const OVERRATE: f64 = 1.05;
 /// Devices tracked individually; beyond that, new devices share one bucket (bounded memory
 /// whatever the topics say).
 pub const MAX_DEVICES: usize = 4096;
@@ -237,9 +242,10 @@ impl Controller {
         // Shed when arrivals exceed what the workers can take, or when they exceed the budget
         // while the queue is already half way to its limit (building up). A queue that stays
         // short means the workers keep up, whatever the smoothed rates say: shedding then would
-        // only cost goodput (measured: 8% at 1x saturation with a plain 90% budget).
+        // only cost goodput (measured: 8% of frames at 1x saturation with a plain 90% budget).
         let building = i.queue_depth * 2 >= self.status.queue_limit.max(1);
-        let shedding = service_rate > 0.0 && (total > service_rate || (building && total > budget));
+        let shedding =
+            service_rate > 0.0 && (total > service_rate * OVERRATE || (building && total > budget));
         let share =
             if shedding { fair_share(g.devices.values().map(|d| d.rate), budget) } else { None };
         let mut shedding_devices = 0;
@@ -410,20 +416,20 @@ mod tests {
 
     #[test]
     fn a_chatty_device_cannot_starve_quiet_ones() {
-        // Capacity 100/s (90 admitted); three quiet devices at 20/s and one chatty at 400/s.
+        // Capacity 100/s (95 admitted); three quiet devices at 20/s and one chatty at 400/s.
         let (s, c, admitted) = simulate(&[20, 20, 20, 400], 100.0, 10);
         let st = c.status();
         assert_eq!(st.shedding_devices, 1, "{st:?}");
         // Quiet devices keep every frame; the chatty one is cut to the remaining share.
         assert_eq!(&admitted[..3], &[5, 5, 5], "per 250 ms tick");
         let share = st.fair_share.expect("share");
-        assert!((share - 30.0).abs() < 3.0, "{share}");
-        assert!(admitted[3] <= 9, "chatty device admitted {} per tick", admitted[3]);
+        assert!((share - 35.0).abs() < 3.0, "{share}");
+        assert!(admitted[3] <= 10, "chatty device admitted {} per tick", admitted[3]);
         let top = s.top_shed(1);
         assert_eq!(top[0].0, "dev3");
         // Total admitted stays within the budget.
         let per_sec: u64 = admitted.iter().sum::<u64>() * 4;
-        assert!(per_sec <= 95, "{per_sec}/s admitted of 100/s capacity");
+        assert!(per_sec <= 100, "{per_sec}/s admitted of 100/s capacity");
     }
 
     #[test]
