@@ -21,27 +21,17 @@ tools/build-static.sh x86_64 --no-default-features --features mimalloc > "$out/b
 cp dist/edgeinfer-x86_64-unknown-linux-musl "$out/edgeinfer-musl-mimalloc"
 LG="$CARGO_TARGET_DIR/release/edgeinfer-loadgen"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nmax_queued_messages 100000\n%s\n' \
-  "$port" "$( [[ "$(id -u)" -eq 0 ]] && echo 'user root')" > "$out/mosquitto.conf"
-mosquitto -c "$out/mosquitto.conf" > "$out/mosquitto.log" 2>&1 &
-mqpid=$!
+source tools/bench/lib.sh
+start_broker "$out"
 svc=""
 trap '[[ -n "$svc" ]] && kill "$svc" 2>/dev/null; kill $mqpid 2>/dev/null || true' EXIT
-sleep 0.5
 
 for workers in 1 2; do
   for variant in glibc musl musl-mimalloc; do
     for model in sensor_cnn digits; do
       fx="tests/fixtures/models/$model"
       cfg="$out/$variant-$model-$workers.toml"
-      cat > "$cfg" <<CONF
-device_id = "alloc"
-[broker]
-port = $port
-clean_session = true
-[system]
-allow_root = true
+      { config_head alloc; cat <<CONF; } > "$cfg"
 [pipelines.bench]
 model = "$PWD/$fx/model.onnx"
 input = "bench/+/in/+"

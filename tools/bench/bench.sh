@@ -53,15 +53,7 @@ git rev-parse --short HEAD > "$out/commit" 2>/dev/null || echo unknown > "$out/c
 
 daemon_config() { # model fixture dir -> config path
   local fx="$1" cfg="$out/daemon-$(basename "$1").toml"
-  cat > "$cfg" <<CONF
-device_id = "bench"
-[broker]
-port = $port
-# Each start is a fresh session: a persistent one would replay frames queued for it while the
-# other service was being measured.
-clean_session = true
-[system]
-allow_root = true
+  { config_head bench; cat <<CONF; } > "$cfg"
 [pipelines.bench]
 model = "$PWD/$fx/model.onnx"
 input = "bench/+/in/+"
@@ -86,12 +78,6 @@ start_service() { # kind fixture -> sets $svc
   fi
   svc=$!
   sleep 2
-}
-
-stop_service() {
-  kill -TERM "$svc" 2>/dev/null || true
-  wait "$svc" 2>/dev/null || true
-  svc=""
 }
 
 served_fps() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['served_fps'])" "$1"; }

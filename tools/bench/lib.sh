@@ -21,3 +21,24 @@ CONF
   sleep 0.5
   broker="127.0.0.1:$port"
 }
+
+# The common head of a benchmark daemon config: device, our broker, a fresh session per start
+# (a persistent one would replay frames queued for it while another service was measured), root
+# allowed (benchmarks often run as root in containers). Pipelines follow.
+config_head() { # device_id
+  cat <<CONF
+device_id = "$1"
+[broker]
+port = $port
+clean_session = true
+[system]
+allow_root = true
+CONF
+}
+
+# Stops the service under test ($svc) with SIGTERM (a clean drain) and waits for it.
+stop_service() {
+  kill -TERM "$svc" 2>/dev/null || true
+  wait "$svc" 2>/dev/null || true
+  svc=""
+}

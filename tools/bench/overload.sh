@@ -39,13 +39,7 @@ git rev-parse --short HEAD > "$out/commit" 2>/dev/null || echo unknown > "$out/c
 
 start_daemon() { # adaptive(true|false) label [fixture] [max_batch]
   local cfg="$out/daemon-$2.toml" model="${3:-$fx}" batch="${4:-1}"
-  cat > "$cfg" <<CONF
-device_id = "bench"
-[broker]
-port = $port
-clean_session = true
-[system]
-allow_root = true
+  { config_head bench; cat <<CONF; } > "$cfg"
 [pipelines.bench]
 model = "$PWD/$model/model.onnx"
 input = "bench/+/in/+"
@@ -68,17 +62,11 @@ CONF
   sleep 2
 }
 
-stop_daemon() {
-  kill -TERM "$svc" 2>/dev/null || true
-  wait "$svc" 2>/dev/null || true
-  svc=""
-}
-
 echo "== saturation: closed loop, $DEVICES devices x window 2, adaptive control off"
 start_daemon false sat
 "$LG" run --broker "$broker" --fixture "$fx" --devices $DEVICES --window 2 --duration "${D}s" \
   --pid "$svc" --label saturation --json "$out/sat.json" --quiet
-stop_daemon
+stop_service
 sat=$(python3 -c "import json; print(json.load(open('$out/sat.json'))['served_fps'])")
 echo "   saturation: $sat frames/s"
 
@@ -90,7 +78,7 @@ for mult in 1 2 3 5; do
     start_daemon "$adaptive" "$mult-$ctl"
     "$LG" run --broker "$broker" --fixture "$fx" --devices $DEVICES --rate "$rate" --duration "${D}s" \
       --timeout 10s --pid "$svc" --label "${mult}x $ctl" --json "$out/load-$mult-$ctl.json" --quiet
-    stop_daemon
+    stop_service
   done
 done
 
@@ -102,7 +90,7 @@ for b in 1 8; do
   start_daemon false "batch$b" "$cnn" "$b"
   "$LG" run --broker "$broker" --fixture "$cnn" --devices $DEVICES --window 16 --duration "${D}s" \
     --pid "$svc" --label "batch $b" --json "$out/batch-$b.json" --quiet
-  stop_daemon
+  stop_service
 done
 
 python3 - "$out" "$sat" "$OBJECTIVE_MS" "$D" > "$out/overload.md" <<'PY'
