@@ -25,6 +25,9 @@ mkdir -p "$root/usr/bin" "$root/usr/lib/systemd" "$root/usr/lib/sysusers.d" "$ro
 if [[ -d /usr/lib/systemd/system ]]; then cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"; fi
 mkdir -p "$root/usr/lib/systemd/system"
 install -m 0755 "$bin" "$root/usr/bin/edgeinfer"
+# ExecReload= uses /bin/kill, which every image has (busybox or util-linux).
+mkdir -p "$root/bin"
+install -m 0755 "$( [[ -x /bin/kill ]] && echo /bin/kill || echo /usr/bin/kill )" "$root/bin/kill"
 install -m 0644 config/systemd/edgeinfer.service "$root/usr/lib/systemd/system/edgeinfer.service"
 install -m 0644 config/systemd/edgeinfer.sysusers "$root/usr/lib/sysusers.d/edgeinfer.conf"
 install -m 0644 config/systemd/edgeinfer.tmpfiles "$root/usr/lib/tmpfiles.d/edgeinfer.conf"

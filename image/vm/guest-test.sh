@@ -57,7 +57,14 @@ check "journal has PIPELINE=digits" grep -q '"PIPELINE":"digits"' <<< "$journal"
 check "journal has MODEL_VERSION=1" grep -q '"MODEL_VERSION":"1"' <<< "$journal"
 check "journal has DEVICE=vm" grep -q '"DEVICE":"vm"' <<< "$journal"
 
-# 6. Fault injection (test-only hook): a wedged worker stops the watchdog pings and systemd
+# 6. `systemctl reload` (ExecReload= sends SIGHUP): the model file is unchanged, the daemon
+#    answers RELOADING=1 then READY=1 and stays active with the same PID.
+check "systemctl reload returns" timeout 30 systemctl reload edgeinfer.service
+check "active after reload" test "$(systemctl is-active edgeinfer.service)" = active
+check "same process after reload" test "$(systemctl show -p MainPID --value edgeinfer.service)" = "$pid"
+check "reload reported the unchanged model" bash -c "journalctl -u edgeinfer.service --no-pager -q | grep -q 'nothing to do'"
+
+# 7. Fault injection (test-only hook): a wedged worker stops the watchdog pings and systemd
 #    restarts the service (WatchdogSec=6s in the test drop-in).
 restarts_before=$(systemctl show -p NRestarts --value edgeinfer.service)
 mosquitto_pub -h 127.0.0.1 -q 1 -t sensors/cam1/digits -m "${frame/\"seq\":1/\"seq\":7}"

@@ -88,14 +88,18 @@ fn health_is_retained_and_last_will_marks_a_killed_daemon_offline() {
     assert_eq!(h["reason"], "connection_lost");
 }
 
-/// SIGHUP does not kill the daemon (its default action would); SIGINT behaves like SIGTERM: with
-/// an idle queue the daemon exits promptly and cleanly.
+/// SIGHUP does not kill the daemon (its default action would): it reloads the model files (here
+/// unchanged); SIGINT behaves like SIGTERM: with an idle queue the daemon exits promptly and
+/// cleanly.
 #[test]
 fn sighup_is_survived_and_sigint_stops_an_idle_daemon_cleanly() {
     let fx = Fixture::load("digits").expect("fixture");
     let (broker, mut daemon) = start_daemon("int", &fx.pipeline("digits", "s/+", "r/{1}", ""));
     daemon.signal(Signal::SIGHUP);
-    daemon.wait_log("SIGHUP received", Duration::from_secs(10)).expect("SIGHUP logged");
+    daemon
+        .wait_log("SIGHUP: reloading model files", Duration::from_secs(10))
+        .expect("SIGHUP logged");
+    daemon.wait_log("nothing to do", Duration::from_secs(10)).expect("unchanged model reported");
     assert!(daemon.is_running(), "SIGHUP must not stop the daemon");
     daemon.signal(Signal::SIGINT);
     let status = daemon.wait_exit(Duration::from_secs(10)).expect("exit");

@@ -9,4 +9,5 @@ mod models;
 mod overload;
 mod queueing;
 mod routing;
+mod swap;
 mod system;

@@ -86,8 +86,8 @@ pub(super) fn step(app: &App, st: &mut ControlState) -> bool {
             };
             let mut c = p.controller.lock().unwrap_or_else(|e| e.into_inner());
             let limit = c.tick(&p.shedder, &inputs);
-            if !p.batch_models.is_empty() {
-                let sizes: Vec<usize> = p.batch_sizes().collect();
+            let sizes = p.batch_sizes();
+            if sizes.len() > 1 {
                 let run_time = |b: usize| {
                     let (runs, total) = p.stats.batch_stats(b);
                     (runs > 0).then(|| total / runs as u32)

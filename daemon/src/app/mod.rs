@@ -8,6 +8,7 @@
 
 mod control;
 pub mod metrics_http;
+mod reload;
 mod serve;
 mod status;
 pub mod system;
@@ -143,8 +144,15 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
     if !problems.is_empty() {
         return Err(AppError::Files { problems });
     }
-    let mut out = Vec::with_capacity(config.pipelines.len());
-    for pc in &config.pipelines {
+    config.pipelines.iter().map(load_pipeline).collect()
+}
+
+/// Loads, optimizes and warms up one pipeline's model, its labels and its batched plans (at
+/// start-up, and for a hot swap candidate).
+fn load_pipeline(
+    pc: &crate::config::PipelineConfig,
+) -> Result<(Model, Vec<String>, Vec<Model>), AppError> {
+    {
         let opts = LoadOptions {
             name: pc.name.clone(),
             version: pc.model_version.clone(),
@@ -179,9 +187,8 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
             PostProcess::Raw => Vec::new(),
         };
         let batched = batch_models(pc, &model)?;
-        out.push((model, labels, batched));
+        Ok((model, labels, batched))
     }
-    Ok(out)
 }
 
 /// Batch sizes a worker can run for `max_batch`: powers of two below it, and itself.

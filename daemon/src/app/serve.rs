@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_until};
 
-use super::{App, AppError, StopHandle, control, status};
+use super::{App, AppError, StopHandle, control, reload, status};
 use crate::config::Qos;
 use crate::mqtt;
 use crate::pipeline::{Publisher, WorkerHandle};
@@ -128,7 +128,7 @@ impl Watchdog {
 }
 
 pub(super) async fn serve(
-    app: &App,
+    app: &Arc<App>,
     client: AsyncClient,
     mut el: EventLoop,
     workers: &[WorkerHandle],
@@ -175,6 +175,19 @@ pub(super) async fn serve(
     );
     let mut ready_sent = false;
 
+    // Hot model swaps: reload threads report here; file changes arrive from the watch thread.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<reload::SwapReportFor>();
+    let (file_tx, mut file_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let _keep_file_channel = file_tx.clone();
+    if let Err(e) = reload::watch(app, Duration::from_millis(500), file_tx) {
+        log::warn!("cannot watch model files ({e}); SIGHUP and the reload command still work");
+    }
+    let reloader = reload::Reloader::new(app);
+    // Pipelines a SIGHUP is still reloading (READY=1 follows RELOADING=1 once all are done).
+    let mut awaiting_reload = vec![false; app.pipelines.len()];
+    let reload_topic = cfg.commands.reload_topic.as_ref().map(|t| t.render(&cfg.device_id, ""));
+    let events_topic = cfg.commands.events_topic.render(&cfg.device_id, "");
+
     let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
     let mut link =
         Link { connected: false, ever_connected: false, failures: 0, backoff: min, retry_at: None };
@@ -190,8 +203,39 @@ pub(super) async fn serve(
             changed = stop_rx.changed() => stop_requested = changed.is_ok(),
             _ = sighup.recv() => {
                 let _ = notifier.reloading();
-                log::warn!("SIGHUP received: configuration reload is not implemented yet; restart the service to apply changes");
-                let _ = notifier.ready(&status::status_line(app, link.connected));
+                log::info!("SIGHUP: reloading model files (configuration changes need a restart)");
+                for (i, waiting) in awaiting_reload.iter_mut().enumerate() {
+                    *waiting = true;
+                    reloader.start(app, i, "sighup", done_tx.clone());
+                }
+                if app.pipelines.is_empty() {
+                    let _ = notifier.ready(&status::status_line(app, link.connected));
+                }
+            }
+            Some(idx) = file_rx.recv() => {
+                reloader.start(app, idx, "file", done_tx.clone());
+            }
+            Some(done) = done_rx.recv() => {
+                if let Some(p) = app.pipelines.get(done.pipeline) {
+                    let mut v = serde_json::to_value(&done.report).unwrap_or_default();
+                    if let serde_json::Value::Object(o) = &mut v {
+                        o.insert("event".into(), "model_swap".into());
+                        o.insert("pipeline".into(), p.name().into());
+                        o.insert("device".into(), cfg.device_id.clone().into());
+                    }
+                    if link.connected {
+                        let payload = serde_json::to_vec(&v).unwrap_or_default();
+                        let _ = publisher.try_publish(&events_topic, payload, Qos::AtLeastOnce, false);
+                        let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
+                    }
+                }
+                let was_waiting = awaiting_reload.iter().any(|w| *w);
+                if let Some(w) = awaiting_reload.get_mut(done.pipeline) {
+                    *w = false;
+                }
+                if was_waiting && !awaiting_reload.iter().any(|w| *w) {
+                    let _ = notifier.ready(&status::status_line(app, link.connected));
+                }
             }
             // Pings start once READY=1 is out.
             _ = watchdog_tick.tick(), if watchdog.is_some() && ready_sent => {
@@ -207,6 +251,31 @@ pub(super) async fn serve(
             }
 
             ev = el.poll(), if link.retry_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) if reload_topic.as_deref() == Some(p.topic.as_str()) => {
+                    // A command, not a frame: acknowledge and act (only while running).
+                    if p.qos != QoS::AtMostOnce {
+                        let mut a = Publish::new(String::new(), p.qos, Vec::new());
+                        a.pkid = p.pkid;
+                        let _ = client.try_ack(&a);
+                    }
+                    if matches!(phase, Phase::Running) {
+                        match reload_targets(app, &p.payload) {
+                            Ok(targets) => {
+                                log::info!("reload command for {} pipeline(s)", targets.len());
+                                for i in targets {
+                                    reloader.start(app, i, "command", done_tx.clone());
+                                }
+                            }
+                            Err(e) => {
+                                log::warn!("reload command refused: {e}");
+                                if link.connected {
+                                    let v = serde_json::json!({"event": "command_error", "device": cfg.device_id, "command": "reload", "reason": e});
+                                    let _ = publisher.try_publish(&events_topic, serde_json::to_vec(&v).unwrap_or_default(), Qos::AtLeastOnce, false);
+                                }
+                            }
+                        }
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if matches!(phase, Phase::Running) {
                         // Only qos and pkid matter for the acknowledgement; the topic and payload
@@ -368,10 +437,38 @@ pub(super) async fn serve(
     Ok(())
 }
 
+/// Which pipelines a reload command names: an empty payload or `{}` means all of them,
+/// `{"pipeline": "name"}` one.
+fn reload_targets(app: &App, payload: &[u8]) -> Result<Vec<usize>, String> {
+    let all = || (0..app.pipelines.len()).collect();
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(all());
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Cmd {
+        pipeline: Option<String>,
+    }
+    let cmd: Cmd = serde_json::from_slice(payload)
+        .map_err(|e| format!("expected {{\"pipeline\": \"name\"}} or an empty payload: {e}"))?;
+    match cmd.pipeline {
+        None => Ok(all()),
+        Some(name) => app
+            .pipelines
+            .iter()
+            .position(|p| p.name() == name)
+            .map(|i| vec![i])
+            .ok_or_else(|| format!("no pipeline named {name:?}")),
+    }
+}
+
 /// One subscription per distinct filter (two pipelines may share a stream), at the highest QoS
-/// any of them asks for.
+/// any of them asks for, plus the reload command topic.
 fn subscriptions(app: &App) -> Vec<SubscribeFilter> {
     let mut out: Vec<SubscribeFilter> = Vec::new();
+    if let Some(t) = &app.config.commands.reload_topic {
+        out.push(SubscribeFilter::new(t.render(&app.config.device_id, ""), QoS::AtLeastOnce));
+    }
     for p in &app.pipelines {
         let q = mqtt::qos(p.cfg.qos);
         match out.iter_mut().find(|s| s.path == p.cfg.input.as_str()) {

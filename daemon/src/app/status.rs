@@ -49,11 +49,12 @@ fn overload_json(p: &Pipeline) -> Value {
 
 /// Micro-batching: the limit now and batched runs by size (`null` without batched plans).
 fn batching_json(p: &Pipeline) -> Value {
-    if p.batch_models.is_empty() {
+    let sizes = p.batch_sizes();
+    if sizes.len() <= 1 {
         return Value::Null;
     }
-    let runs: Map<String, Value> = p
-        .batch_sizes()
+    let runs: Map<String, Value> = sizes
+        .into_iter()
         .filter(|b| *b > 1)
         .map(|b| (b.to_string(), json!(p.stats.batch_stats(b).0)))
         .collect();
@@ -79,11 +80,19 @@ pub fn online(app: &App) -> Vec<u8> {
     let mut pipelines = Map::new();
     for p in &app.pipelines {
         let s = &p.stats;
-        let m = &p.model;
+        let set = p.models();
+        let m = &set.model;
+        let swaps = p.swaps.lock().map(|g| g.clone()).unwrap_or_default();
         pipelines.insert(
             p.name().to_string(),
             json!({
-                "model": {"name": m.name, "version": m.version, "sha256": m.sha256, "path": m.path},
+                "model": {
+                    "name": m.name, "version": m.version, "sha256": m.sha256, "path": m.path,
+                    "loaded_us": set.loaded_us, "source": set.source,
+                    "load_ms": m.load_time.as_secs_f64() * 1e3,
+                    "optimize_ms": m.optimize_time.as_secs_f64() * 1e3,
+                },
+                "swaps": swaps,
                 "input": p.cfg.input.as_str(),
                 "workers": p.cfg.workers,
                 "queue": {
@@ -118,6 +127,7 @@ pub fn online(app: &App) -> Vec<u8> {
         "rss_bytes": rss_bytes(),
         "process": process_json(),
         "host": host_json(app),
+        "model_sets_alive": crate::pipeline::swap::live_model_sets(),
         "transport": transport(app),
         "system": app.system.to_json(),
         "pipelines": Value::Object(pipelines),
@@ -136,8 +146,14 @@ pub fn status_line(app: &App, connected: bool) -> String {
     let p99 = total
         .quantile(0.99)
         .map_or("-".to_string(), |d| format!("{:.1}ms", d.as_secs_f64() * 1000.0));
-    let models: Vec<String> =
-        app.pipelines.iter().map(|p| format!("{}@{}", p.model.name, p.model.version)).collect();
+    let models: Vec<String> = app
+        .pipelines
+        .iter()
+        .map(|p| {
+            let set = p.models();
+            format!("{}@{}", set.model.name, set.model.version)
+        })
+        .collect();
     let slo: Vec<String> = app
         .pipelines
         .iter()
@@ -265,7 +281,8 @@ pub fn prometheus(app: &App) -> String {
         "Model served by each pipeline (name, version, SHA-256).",
     );
     for p in ps {
-        let m = &p.model;
+        let set = p.models();
+        let m = &set.model;
         e.sample(
             "edgeinfer_model_info",
             &[
@@ -412,7 +429,7 @@ pub fn prometheus(app: &App) -> String {
         "Batched inferences by batch size (single-frame runs are not counted here).",
     );
     for p in ps {
-        for b in p.batch_sizes().filter(|b| *b > 1) {
+        for b in p.batch_sizes().into_iter().filter(|b| *b > 1) {
             e.sample(
                 "edgeinfer_batch_runs_total",
                 &[("pipeline", p.name()), ("size", &b.to_string())],

@@ -80,6 +80,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
+    pub commands: CommandsConfig,
     pub errors: ErrorsConfig,
     pub shutdown: ShutdownConfig,
     pub system: SystemConfig,
@@ -197,6 +198,15 @@ pub struct TlsConfig {
 pub struct HealthConfig {
     pub topic: TopicTemplate,
     pub interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandsConfig {
+    /// Topic on which `{"pipeline": "name"}` (or an empty payload: every pipeline) asks for a
+    /// model reload; `None`: no MQTT commands.
+    pub reload_topic: Option<TopicTemplate>,
+    /// Where swap outcomes and other lifecycle events are published.
+    pub events_topic: TopicTemplate,
 }
 
 #[derive(Debug, Clone)]
@@ -331,6 +341,12 @@ pub struct PipelineConfig {
     pub deadline: Option<Duration>,
     pub slo: SloConfig,
     pub overload: OverloadConfig,
+    /// Reload the model when its file changes (inotify on its directory).
+    pub watch_model: bool,
+    /// Relative tolerance of a swap candidate's outputs against its golden pairs.
+    pub golden_tolerance: f64,
+    /// Refuse a swap candidate that ships no golden pairs.
+    pub require_golden: bool,
 }
 
 /// Service-level objectives of one pipeline (see `telemetry::slo`).
@@ -551,6 +567,19 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         }
     };
 
+    let commands = {
+        let mut s = root.table(p, "commands");
+        let disabled = s.as_mut().is_some_and(
+            |s| matches!(s.get("reload_topic"), Some(Value::String(t)) if t.is_empty()),
+        );
+        let reload = template(s.as_mut(), p, "reload_topic", "edgeinfer/{device}/cmd/reload", 0);
+        let events_topic = template(s.as_mut(), p, "events_topic", "edgeinfer/{device}/events", 0);
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        CommandsConfig { reload_topic: (!disabled).then_some(reload), events_topic }
+    };
+
     let errors = {
         let mut s = root.table(p, "errors");
         let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/errors/{pipeline}", 0);
@@ -619,6 +648,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         broker,
         health,
         metrics,
+        commands,
         errors,
         shutdown,
         system,
@@ -1044,6 +1074,9 @@ fn pipeline(
             out
         }
     };
+    let watch_model = s.bool(p, "watch_model").unwrap_or(true);
+    let golden_tolerance = s.float(p, "golden_tolerance", 0.0, 1.0).unwrap_or(1e-4);
+    let require_golden = s.bool(p, "require_golden").unwrap_or(false);
     let max_age = s.duration(p, "max_age", Duration::from_millis(1), Duration::from_secs(86400));
     let deadline = s.duration(p, "deadline", Duration::from_millis(1), Duration::from_secs(86400));
     let slo = match s.table(p, "slo") {
@@ -1098,6 +1131,9 @@ fn pipeline(
     };
     s.finish(p);
     Some(PipelineConfig {
+        watch_model,
+        golden_tolerance,
+        require_golden,
         max_age,
         deadline,
         slo,

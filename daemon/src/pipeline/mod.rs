@@ -10,10 +10,11 @@ pub mod decode;
 pub mod output;
 pub mod overload;
 pub mod queue;
+pub mod swap;
 mod worker;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -28,6 +29,7 @@ use decode::{Decoder, Reject};
 use output::{ErrorMsg, unix_us};
 use overload::{Controller, Shedder};
 use queue::{FrameQueue, Push};
+pub use swap::ModelSet;
 pub use worker::{Placement, Scratch, WorkerHandle};
 
 /// Why a message could not be handed to the MQTT client.
@@ -105,11 +107,15 @@ impl ErrorLimiter {
 /// One model served on one input stream.
 pub struct Pipeline {
     pub cfg: PipelineConfig,
-    pub model: Model,
     pub stats: PipelineStats,
     pub queue: FrameQueue<Frame>,
     decoder: Decoder,
-    labels: Vec<String>,
+    /// The model version workers run now; replaced whole by a hot swap (see [`swap`]).
+    active: RwLock<Arc<ModelSet>>,
+    /// Bumped by every swap; workers compare it between frames.
+    generation: AtomicU64,
+    /// Swap bookkeeping for health.
+    pub swaps: Mutex<swap::SwapLog>,
     device_id: String,
     error_topic: String,
     errors: ErrorLimiter,
@@ -124,8 +130,6 @@ pub struct Pipeline {
     /// Expected worker time per frame in nanoseconds (from the controller; 0: unknown), for
     /// deciding at dequeue whether a frame can still meet its deadline.
     pub expected_service_ns: AtomicU64,
-    /// Plans for batched runs, ascending batch size (empty unless `max_batch > 1`).
-    pub batch_models: Vec<Model>,
     /// Frames a worker may take into one run now (the controller lowers it to meet the
     /// objective; `max_batch` otherwise).
     batch_limit: AtomicUsize,
@@ -143,8 +147,100 @@ impl Pipeline {
         max_clock_skew: Duration,
     ) -> Result<Pipeline, String> {
         let decoder = Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?;
-        // Validate the post-processing against the model now rather than on the first frame.
-        output::ResultWriter::new(cfg.postprocess.clone(), labels.clone(), &model)?;
+        check_postprocess(&cfg, &model, &labels)?;
+        let stats = PipelineStats::default();
+        if let Some(l) = &cfg.slo.latency {
+            stats.slo_threshold_ns.store(l.objective.as_nanos() as u64, Ordering::Relaxed);
+        }
+        let set = ModelSet::new(model, Vec::new(), labels, "start-up");
+        Ok(Pipeline {
+            queue: FrameQueue::new(cfg.queue.capacity, cfg.queue.policy),
+            slo: Mutex::new(SloTracker::new(&cfg.slo)),
+            shedder: Shedder::default(),
+            controller: Mutex::new(Controller::default()),
+            expected_service_ns: AtomicU64::new(0),
+            batch_limit: AtomicUsize::new(1),
+            active: RwLock::new(Arc::new(set)),
+            generation: AtomicU64::new(0),
+            swaps: Mutex::new(swap::SwapLog::default()),
+            max_clock_skew,
+            error_topic: errors.topic.render(device_id, &cfg.name),
+            errors: ErrorLimiter {
+                limit: errors.rate_limit,
+                window: AtomicU64::new(0),
+                count: AtomicU32::new(0),
+            },
+            cfg,
+            stats,
+            decoder,
+            device_id: device_id.to_string(),
+            next_frame: AtomicU64::new(1),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// The model version workers run now.
+    pub fn models(&self) -> Arc<ModelSet> {
+        Arc::clone(&self.active.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Bumped by every swap.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Replaces the running model set; workers pick the new one up between frames (frames in
+    /// flight finish on the old one, which is freed when the last worker lets go of it).
+    /// The caller has checked the candidate ([`Pipeline::check_candidate`]).
+    pub fn install(&self, set: ModelSet) -> Arc<ModelSet> {
+        let mut g = self.active.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut *g, Arc::new(set));
+        self.generation.fetch_add(1, Ordering::Release);
+        drop(g);
+        old
+    }
+
+    /// Whether `candidate` can replace the running model: the same input and output signature
+    /// (names, dtypes, shapes: the decoder and every consumer of the results depend on them),
+    /// and a post-processing that still fits.
+    pub fn check_candidate(&self, candidate: &ModelSet) -> Result<(), String> {
+        let cur = self.models();
+        let sig = |m: &Model| {
+            let f = |t: &crate::model::TensorSpec| {
+                format!("{}:{}{}", t.name, t.dtype.name(), t.shape_string())
+            };
+            (
+                m.inputs.iter().map(f).collect::<Vec<_>>(),
+                m.outputs.iter().map(f).collect::<Vec<_>>(),
+            )
+        };
+        let (a, b) = (sig(&cur.model), sig(&candidate.model));
+        if a != b {
+            return Err(format!(
+                "signature differs from the running model: inputs {:?} -> {:?}, outputs {:?} -> {:?}",
+                a.0, b.0, a.1, b.1
+            ));
+        }
+        let sizes = |s: &ModelSet| s.batch_sizes().collect::<Vec<_>>();
+        if sizes(&cur) != sizes(candidate) {
+            return Err(format!(
+                "batched plans differ: {:?} -> {:?}",
+                sizes(&cur),
+                sizes(candidate)
+            ));
+        }
+        check_postprocess(&self.cfg, &candidate.model, &candidate.labels)
+    }
+}
+
+/// Validates the post-processing against a model now rather than on the first frame, and warns
+/// when the labels do not match the class count.
+fn check_postprocess(cfg: &PipelineConfig, model: &Model, labels: &[String]) -> Result<(), String> {
+    output::ResultWriter::new(cfg.postprocess.clone(), labels.to_vec(), model)?;
+    {
         if let PostProcess::Classification(c) = &cfg.postprocess {
             let idx = c
                 .output
@@ -162,52 +258,27 @@ impl Pipeline {
                 );
             }
         }
-        let stats = PipelineStats::default();
-        if let Some(l) = &cfg.slo.latency {
-            stats.slo_threshold_ns.store(l.objective.as_nanos() as u64, Ordering::Relaxed);
-        }
-        Ok(Pipeline {
-            queue: FrameQueue::new(cfg.queue.capacity, cfg.queue.policy),
-            slo: Mutex::new(SloTracker::new(&cfg.slo)),
-            shedder: Shedder::default(),
-            controller: Mutex::new(Controller::default()),
-            expected_service_ns: AtomicU64::new(0),
-            batch_models: Vec::new(),
-            batch_limit: AtomicUsize::new(1),
-            max_clock_skew,
-            error_topic: errors.topic.render(device_id, &cfg.name),
-            errors: ErrorLimiter {
-                limit: errors.rate_limit,
-                window: AtomicU64::new(0),
-                count: AtomicU32::new(0),
-            },
-            cfg,
-            model,
-            stats,
-            decoder,
-            labels,
-            device_id: device_id.to_string(),
-            next_frame: AtomicU64::new(1),
-        })
     }
+    Ok(())
+}
 
-    pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
+impl Pipeline {
     /// Adds the batched plans (ascending batch size) built for `max_batch`.
-    pub fn with_batch_models(mut self, models: Vec<Model>) -> Self {
+    pub fn with_batch_models(self, models: Vec<Model>) -> Self {
         let max = models.last().and_then(|m| m.inputs.first()).and_then(|i| i.shape.first());
-        self.batch_limit = AtomicUsize::new(max.copied().unwrap_or(1).max(1));
-        self.batch_models = models;
+        self.batch_limit.store(max.copied().unwrap_or(1).max(1), Ordering::Relaxed);
+        {
+            let mut g = self.active.write().unwrap_or_else(|e| e.into_inner());
+            let cur = &**g;
+            let set = ModelSet::new(cur.model.clone(), models, cur.labels.clone(), &cur.source);
+            *g = Arc::new(set);
+        }
         self
     }
 
     /// Batch sizes with a plan, ascending (1 always).
-    pub fn batch_sizes(&self) -> impl Iterator<Item = usize> + '_ {
-        std::iter::once(1).chain(
-            self.batch_models.iter().filter_map(|m| m.inputs.first()?.shape.first().copied()),
-        )
+    pub fn batch_sizes(&self) -> Vec<usize> {
+        self.models().batch_sizes().collect()
     }
 
     /// Frames a worker may take into one run now.
@@ -217,7 +288,7 @@ impl Pipeline {
 
     /// Sets the batch limit (clamped to 1..=the largest plan).
     pub fn set_batch_limit(&self, n: usize) {
-        let max = self.batch_sizes().max().unwrap_or(1);
+        let max = self.batch_sizes().into_iter().max().unwrap_or(1);
         self.batch_limit.store(n.clamp(1, max), Ordering::Relaxed);
     }
 

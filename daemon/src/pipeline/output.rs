@@ -42,6 +42,10 @@ pub struct ResultWriter {
     score_output: usize,
     output_names: Vec<String>,
     scratch: Vec<(usize, f64)>,
+    /// The model results are stamped with (the one this writer was built for).
+    model_name: String,
+    model_version: String,
+    model_sha256: String,
 }
 
 impl ResultWriter {
@@ -57,7 +61,16 @@ impl ResultWriter {
             }
             _ => 0,
         };
-        Ok(Self { post, labels, score_output, output_names, scratch: Vec::new() })
+        Ok(Self {
+            post,
+            labels,
+            score_output,
+            output_names,
+            scratch: Vec::new(),
+            model_name: model.name.clone(),
+            model_version: model.version.clone(),
+            model_sha256: model.sha256.clone(),
+        })
     }
 
     /// Serializes the result of the last run of `session` for the frame in row `row` (0 unless
@@ -66,7 +79,6 @@ impl ResultWriter {
         &mut self,
         buf: &mut Vec<u8>,
         meta: &ResultMeta<'_>,
-        model: &Model,
         session: &Session,
         row: usize,
     ) -> serde_json::Result<()> {
@@ -88,7 +100,11 @@ impl ResultWriter {
         };
         let msg = ResultMsg {
             pipeline: meta.pipeline,
-            model: ModelRef { name: &model.name, version: &model.version, sha256: &model.sha256 },
+            model: ModelRef {
+                name: &self.model_name,
+                version: &self.model_version,
+                sha256: &self.model_sha256,
+            },
             topic: meta.topic,
             frame: meta.frame,
             seq: meta.seq,

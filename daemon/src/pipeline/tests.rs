@@ -186,7 +186,7 @@ fn error_messages_are_rate_limited_and_the_excess_counted() {
     };
     let p = Pipeline::new(
         base.cfg.clone(),
-        base.model.clone(),
+        base.models().model.clone(),
         Vec::new(),
         "d",
         &errors,
@@ -238,7 +238,7 @@ fn full_queue_drops_are_counted_by_policy() {
 #[test]
 fn session_input_buffers_are_reused_across_runs() {
     let p = pipeline("");
-    let mut s = p.model.session().expect("session");
+    let mut s = p.models().model.session().expect("session");
     let before = s.input_mut(0).as_ptr();
     for _ in 0..3 {
         s.run().expect("run");
@@ -359,7 +359,7 @@ fn cnn_sample(i: usize, what: &str) -> Vec<u8> {
 #[test]
 fn batched_runs_give_each_frame_its_own_reference_output() {
     let p = batched_pipeline();
-    assert_eq!(p.batch_sizes().collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert_eq!(p.batch_sizes(), vec![1, 2, 4]);
     assert_eq!(p.batch_limit(), 4);
     let rec = Arc::new(Recorder::default());
     let filter = TopicFilter::parse("s/+").expect("filter");

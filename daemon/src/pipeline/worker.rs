@@ -60,32 +60,16 @@ pub(super) fn start(
             .name(name.clone())
             .spawn(move || {
                 place_current_thread(&placement, pl.name());
-                let sessions = std::iter::once(&pl.model)
-                    .chain(pl.batch_models.iter())
-                    .map(|m| m.session())
-                    .collect::<Result<Vec<Session>, _>>();
-                let mut sessions = match sessions {
+                let state = match WorkerModel::build(&pl) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready.send(Err(format!("worker {i}: {e}")));
                         return;
                     }
                 };
-                let session = sessions.remove(0);
-                let writer = match ResultWriter::new(
-                    pl.cfg.postprocess.clone(),
-                    pl.labels.clone(),
-                    &pl.model,
-                ) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                        return;
-                    }
-                };
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                run(&pl, session, sessions, writer, &*pb, &pr);
+                run(&pl, state, &*pb, &pr);
             })
             .map_err(|e| format!("cannot spawn worker thread: {e}"))?;
         handles.push(WorkerHandle { name, thread, progress });
@@ -129,18 +113,57 @@ fn place_current_thread(placement: &Placement, pipeline: &str) {
     }
 }
 
-fn run(
-    p: &Pipeline,
-    mut session: Session,
-    mut batched: Vec<Session>,
-    mut writer: ResultWriter,
-    publisher: &dyn Publisher,
-    progress: &AtomicU64,
-) {
+/// What a worker runs: sessions and the result writer for one model set, and the generation
+/// it belongs to.
+struct WorkerModel {
+    generation: u64,
+    single: Session,
+    batched: Vec<Session>,
+    writer: ResultWriter,
+    /// The set the sessions were built from: a swapped-out set is freed once every worker has
+    /// moved on (fields drop in order, so after the sessions).
+    _set: Arc<super::ModelSet>,
+}
+
+impl WorkerModel {
+    fn build(p: &Pipeline) -> Result<WorkerModel, String> {
+        // Generation first: a swap racing with this build is seen again at the next frame.
+        let generation = p.generation();
+        let set = p.models();
+        let single = set.model.session().map_err(|e| e.to_string())?;
+        let batched = set
+            .batched
+            .iter()
+            .map(|m| m.session().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let writer = ResultWriter::new(p.cfg.postprocess.clone(), set.labels.clone(), &set.model)?;
+        Ok(WorkerModel { generation, single, batched, writer, _set: set })
+    }
+
+    /// Switches to the pipeline's current model set if a swap happened. Between frames only,
+    /// so a frame is always served start to finish by one model.
+    fn refresh(&mut self, p: &Pipeline) {
+        if p.generation() == self.generation {
+            return;
+        }
+        match WorkerModel::build(p) {
+            Ok(next) => *self = next,
+            Err(e) => {
+                // The candidate ran its warm-up and golden checks already; a session that cannot
+                // be built now is a resource problem. Keep serving with the old one.
+                log::error!(pipeline = p.name(); "cannot switch worker to the new model: {e}; still serving the previous one");
+                self.generation = p.generation();
+            }
+        }
+    }
+}
+
+fn run(p: &Pipeline, mut m: WorkerModel, publisher: &dyn Publisher, progress: &AtomicU64) {
     let mut scratch =
         Scratch { payload: Vec::with_capacity(4096), topic: String::with_capacity(128) };
     let mut frames: Vec<Frame> = Vec::with_capacity(p.cfg.max_batch.max(1));
     loop {
+        m.refresh(p);
         match p.queue.pop(IDLE_TICK) {
             Pop::Item(frame) => {
                 let limit = p.batch_limit();
@@ -151,9 +174,9 @@ fn run(
                     p.queue.pop_more(&mut frames, limit - 1);
                     let n = frames.len();
                     p.serve_frames(
-                        &mut session,
-                        &mut batched,
-                        &mut writer,
+                        &mut m.single,
+                        &mut m.batched,
+                        &mut m.writer,
                         &mut scratch,
                         &mut frames,
                         publisher,
@@ -162,7 +185,7 @@ fn run(
                         p.queue.done();
                     }
                 } else {
-                    p.serve_frame(&mut session, &mut writer, &mut scratch, frame, publisher);
+                    p.serve_frame(&mut m.single, &mut m.writer, &mut scratch, frame, publisher);
                     p.queue.done();
                 }
             }
@@ -395,7 +418,7 @@ impl Pipeline {
             inference_us: inference.as_micros() as u64,
             total_us: total.as_micros() as u64,
         };
-        if let Err(e) = writer.write(&mut scratch.payload, &meta, &p.model, session, row) {
+        if let Err(e) = writer.write(&mut scratch.payload, &meta, session, row) {
             p.stats.fail(FailReason::Publish);
             log::error!(pipeline = p.name(); "cannot serialize result: {e}");
             return;

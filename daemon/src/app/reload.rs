@@ -1,0 +1,307 @@
+//! Hot model swap: what triggers it (SIGHUP, a change of the model file, an MQTT command) and
+//! the swap itself, run on its own thread so the serving loop never waits for a model to load.
+//!
+//! A swap: hash the file (the model already running: `unchanged`) -> load, optimize and warm up
+//! the candidate with its batched plans and labels -> same signature and a fitting
+//! post-processing ([`Pipeline::check_candidate`]) -> the golden pairs shipped beside it
+//! ([`swap::check_golden`]) -> install. Any failure leaves the running model in place and is
+//! reported (`rejected`, with the reason) in health, in the log and as an event message.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use super::App;
+use crate::pipeline::output::unix_us;
+use crate::pipeline::swap::{self, SwapReport, SwapResult};
+use crate::pipeline::{ModelSet, Pipeline};
+
+/// Formats an error with its source chain on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn file_sha256(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Loads, checks and installs the model file of pipeline `idx`. Blocking: seconds for a large
+/// model. Records the outcome in the pipeline's swap log and returns it.
+pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport> {
+    let p = app.pipelines.get(idx)?;
+    let pc = &p.cfg;
+    let t = Instant::now();
+    let cur = p.models();
+    let mut report = SwapReport {
+        result: SwapResult::Rejected,
+        trigger: trigger.to_string(),
+        at_us: unix_us(SystemTime::now()),
+        duration_ms: 0.0,
+        from_version: cur.model.version.clone(),
+        from_sha256: cur.model.sha256.clone(),
+        to_version: None,
+        to_sha256: None,
+        golden_checked: 0,
+        reason: None,
+    };
+    let outcome = candidate(p, trigger, &cur, &mut report);
+    drop(cur);
+    match outcome {
+        Ok(None) => report.result = SwapResult::Unchanged,
+        Ok(Some(set)) => {
+            let old = p.install(set);
+            report.result = SwapResult::Swapped;
+            // The old set is freed when the last worker has moved to the new one.
+            drop(old);
+        }
+        Err(reason) => report.reason = Some(reason),
+    }
+    report.duration_ms = t.elapsed().as_secs_f64() * 1e3;
+    match report.result {
+        SwapResult::Swapped => log::info!(
+            pipeline = pc.name.as_str();
+            "model swapped ({trigger}): version {} -> {}, sha256 {} -> {}, {} golden pair(s) checked, {:.0} ms off the hot path",
+            report.from_version,
+            report.to_version.as_deref().unwrap_or("?"),
+            &report.from_sha256[..12.min(report.from_sha256.len())],
+            report.to_sha256.as_deref().map_or("?", |s| &s[..12.min(s.len())]),
+            report.golden_checked,
+            report.duration_ms
+        ),
+        SwapResult::Unchanged => log::info!(
+            pipeline = pc.name.as_str();
+            "model reload ({trigger}): {} is the model already running; nothing to do",
+            pc.model.display()
+        ),
+        SwapResult::Rejected => log::error!(
+            pipeline = pc.name.as_str();
+            "model candidate rejected ({trigger}): {}; still serving version {}",
+            report.reason.as_deref().unwrap_or("?"),
+            report.from_version
+        ),
+    }
+    if let Ok(mut g) = p.swaps.lock() {
+        g.record(report.clone());
+    }
+    Some(report)
+}
+
+/// The checked candidate, `None` when the file is the running model, or why it is refused.
+fn candidate(
+    p: &Pipeline,
+    trigger: &str,
+    cur: &ModelSet,
+    report: &mut SwapReport,
+) -> Result<Option<ModelSet>, String> {
+    let pc = &p.cfg;
+    let sha = file_sha256(&pc.model)?;
+    report.to_sha256 = Some(sha.clone());
+    if sha == cur.model.sha256 {
+        return Ok(None);
+    }
+    let (model, labels, batched) = super::load_pipeline(pc).map_err(|e| chain(&e))?;
+    report.to_version = Some(model.version.clone());
+    // The file may have changed again between hashing and loading: trust what was loaded.
+    report.to_sha256 = Some(model.sha256.clone());
+    let set = ModelSet::new(model, batched, labels, trigger);
+    p.check_candidate(&set)?;
+    let checked = swap::check_golden(&set.model, &pc.model, pc.golden_tolerance)?;
+    report.golden_checked = checked;
+    if checked == 0 && pc.require_golden {
+        return Err(format!(
+            "no golden pairs in {} and require_golden = true",
+            swap::golden_dir(&pc.model).display()
+        ));
+    }
+    Ok(Some(set))
+}
+
+/// Runs reloads on a thread of their own, one at a time per pipeline, and hands each report to
+/// `done` (the serving loop publishes it).
+pub(super) struct Reloader {
+    /// Per pipeline: (a reload is running, another trigger came in meanwhile).
+    state: Vec<Arc<(AtomicBool, AtomicBool)>>,
+}
+
+impl Reloader {
+    pub(super) fn new(app: &App) -> Self {
+        let state = app
+            .pipelines
+            .iter()
+            .map(|_| Arc::new((AtomicBool::new(false), AtomicBool::new(false))))
+            .collect();
+        Reloader { state }
+    }
+
+    /// Starts a reload of pipeline `idx`. While one is running, further triggers are folded
+    /// into one more run after it (the file may have changed again while it was loading).
+    pub(super) fn start(
+        &self,
+        app: &Arc<App>,
+        idx: usize,
+        trigger: &'static str,
+        done: tokio::sync::mpsc::UnboundedSender<SwapReportFor>,
+    ) {
+        let Some(state) = self.state.get(idx) else { return };
+        if state.0.swap(true, Ordering::AcqRel) {
+            state.1.store(true, Ordering::Release);
+            return;
+        }
+        let (app, state) = (Arc::clone(app), Arc::clone(state));
+        let spawned = std::thread::Builder::new().name("ei-reload".into()).spawn(move || {
+            loop {
+                if let Some(r) = reload(&app, idx, trigger) {
+                    let _ = done.send(SwapReportFor { pipeline: idx, report: r });
+                }
+                state.0.store(false, Ordering::Release);
+                // Another trigger meanwhile: run again, unless a new thread took over.
+                if !state.1.swap(false, Ordering::AcqRel) || state.0.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            state_reset(&self.state[idx]);
+            log::error!("cannot start a reload thread: {e}");
+        }
+    }
+}
+
+fn state_reset(s: &(AtomicBool, AtomicBool)) {
+    s.0.store(false, Ordering::Release);
+}
+
+/// A finished swap attempt of one pipeline.
+pub(super) struct SwapReportFor {
+    pub pipeline: usize,
+    pub report: SwapReport,
+}
+
+/// Watches the model files of pipelines with `watch_model` (inotify on their directories, since
+/// an atomic rename replaces the file's inode) and sends the pipeline index once a file has been
+/// quiet for `debounce`. Runs on its own thread for the life of the process.
+pub(super) fn watch(
+    app: &App,
+    debounce: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<usize>,
+) -> Result<(), String> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let targets: Vec<(usize, PathBuf)> = app
+        .pipelines
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.cfg.watch_model)
+        .map(|(i, p)| (i, p.cfg.model.clone()))
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let ino = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .map_err(|e| format!("inotify: {e}"))?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (_, path) in &targets {
+        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        if !dirs.contains(&dir) {
+            ino.add_watch(
+                &dir,
+                AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_CREATE,
+            )
+            .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+            dirs.push(dir);
+        }
+    }
+    log::info!(
+        "watching model files for changes: {}",
+        targets.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    std::thread::Builder::new()
+        .name("ei-watch".into())
+        .spawn(move || watch_loop(ino, targets, debounce, tx))
+        .map_err(|e| format!("cannot start the watch thread: {e}"))?;
+    Ok(())
+}
+
+fn watch_loop(
+    ino: nix::sys::inotify::Inotify,
+    targets: Vec<(usize, PathBuf)>,
+    debounce: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<usize>,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    // Pending changes: pipeline -> when the last event for its file came. A file is reloaded
+    // once it has been quiet for `debounce` (a copy is many writes; a rename is one event).
+    let mut pending: Vec<(usize, Instant)> = Vec::new();
+    loop {
+        let next_due = pending.iter().map(|(_, at)| *at + debounce).min();
+        let timeout = match next_due {
+            None => PollTimeout::NONE,
+            Some(due) => {
+                let ms = due.saturating_duration_since(Instant::now()).as_millis();
+                PollTimeout::try_from(Duration::from_millis(ms.min(60_000) as u64))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => {}
+            Ok(_) => match ino.read_events() {
+                Ok(events) => {
+                    let now = Instant::now();
+                    for ev in events {
+                        let Some(name) = ev.name else { continue };
+                        for (idx, path) in &targets {
+                            if path.file_name() == Some(name.as_os_str()) {
+                                pending.retain(|(i, _)| i != idx);
+                                pending.push((*idx, now));
+                            }
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    log::error!("model file watch stopped: {e}; SIGHUP still reloads");
+                    return;
+                }
+            },
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                log::error!("model file watch stopped: {e}; SIGHUP still reloads");
+                return;
+            }
+        }
+        let now = Instant::now();
+        let (due, rest): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(|(_, at)| *at + debounce <= now);
+        pending = rest;
+        for (idx, _) in due {
+            if tx.send(idx).is_err() {
+                return;
+            }
+        }
+    }
+}
