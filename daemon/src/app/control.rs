@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::App;
 use crate::pipeline::overload::{self, Inputs};
+use crate::pipeline::swap::SwapReport;
 use crate::sys::cgroup;
 use crate::telemetry::{DropReason, Snapshot};
 
@@ -48,8 +49,15 @@ pub(super) fn period(app: &App) -> Duration {
 }
 
 /// One control step over every pipeline. Returns true when an SLO state changed (the caller
-/// refreshes `STATUS=`).
-pub(super) fn step(app: &App, st: &mut ControlState) -> bool {
+/// refreshes `STATUS=`), and the probations that ended (rolled back or kept), for the caller
+/// to publish.
+pub(super) fn step(app: &App, st: &mut ControlState) -> (bool, Vec<(usize, SwapReport)>) {
+    let mut ended = Vec::new();
+    for (i, p) in app.pipelines.iter().enumerate() {
+        if let Some(r) = super::reload::check_probation(p) {
+            ended.push((i, r));
+        }
+    }
     let now = Instant::now();
     let elapsed = now.saturating_duration_since(st.at);
     st.at = now;
@@ -124,5 +132,5 @@ pub(super) fn step(app: &App, st: &mut ControlState) -> bool {
             );
         }
     }
-    changed
+    (changed, ended)
 }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::App;
 use crate::pipeline::output::unix_us;
-use crate::pipeline::swap::{self, SwapReport, SwapResult};
+use crate::pipeline::swap::{self, Probation, ProbationLimits, SwapReport, SwapResult};
 use crate::pipeline::{ModelSet, Pipeline};
 
 /// Formats an error with its source chain on one line.
@@ -31,8 +31,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn file_sha256(path: &Path) -> Result<String, String> {
-    use std::io::Read;
+/// Opens the model file and hashes it through the handle (which the set keeps for a rollback).
+fn open_and_hash(path: &Path) -> Result<(std::fs::File, String), String> {
+    use std::io::{Read, Seek};
     let mut f =
         std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut h = Sha256::new();
@@ -44,7 +45,8 @@ fn file_sha256(path: &Path) -> Result<String, String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    f.rewind().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok((f, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
 
 /// Loads, checks and installs the model file of pipeline `idx`. Blocking: seconds for a large
@@ -71,10 +73,8 @@ pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport>
     match outcome {
         Ok(None) => report.result = SwapResult::Unchanged,
         Ok(Some(set)) => {
-            let old = p.install(set);
             report.result = SwapResult::Swapped;
-            // The old set is freed when the last worker has moved to the new one.
-            drop(old);
+            install_with_probation(p, set, &report);
         }
         Err(reason) => report.reason = Some(reason),
     }
@@ -101,6 +101,8 @@ pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport>
             report.reason.as_deref().unwrap_or("?"),
             report.from_version
         ),
+        // Only probation ends in these (check_probation).
+        SwapResult::RolledBack | SwapResult::Kept => {}
     }
     if let Ok(mut g) = p.swaps.lock() {
         g.record(report.clone());
@@ -116,16 +118,21 @@ fn candidate(
     report: &mut SwapReport,
 ) -> Result<Option<ModelSet>, String> {
     let pc = &p.cfg;
-    let sha = file_sha256(&pc.model)?;
+    let (file, sha) = open_and_hash(&pc.model)?;
     report.to_sha256 = Some(sha.clone());
     if sha == cur.model.sha256 {
         return Ok(None);
     }
     let (model, labels, batched) = super::load_pipeline(pc).map_err(|e| chain(&e))?;
     report.to_version = Some(model.version.clone());
-    // The file may have changed again between hashing and loading: trust what was loaded.
     report.to_sha256 = Some(model.sha256.clone());
-    let set = ModelSet::new(model, batched, labels, trigger);
+    if model.sha256 != sha {
+        // Replaced again between hashing and loading: the next trigger loads the newest.
+        return Err(
+            "the file changed while it was being loaded; the next change event reloads it".into()
+        );
+    }
+    let set = ModelSet::new(model, batched, labels, trigger).with_file(Some(file));
     p.check_candidate(&set)?;
     let checked = swap::check_golden(&set.model, &pc.model, pc.golden_tolerance)?;
     report.golden_checked = checked;
@@ -136,6 +143,106 @@ fn candidate(
         ));
     }
     Ok(Some(set))
+}
+
+/// Installs a checked candidate. With `probation` configured the previous set stays loaded and
+/// the candidate is compared with the previous model's record until the window ends.
+fn install_with_probation(p: &Pipeline, set: ModelSet, report: &SwapReport) {
+    use crate::telemetry::FailReason;
+    let now_hist = p.stats.inference.snapshot();
+    let now_failed = p.stats.failed(FailReason::Inference);
+    let (baseline_p99, baseline_errors) = {
+        let mut mark = p.install_mark.lock().unwrap_or_else(|e| e.into_inner());
+        let record = now_hist.since(&mark.0);
+        let failed = now_failed.saturating_sub(mark.1);
+        let total = record.count() + failed;
+        *mark = (now_hist.clone(), now_failed);
+        (
+            (record.count() >= 20).then(|| record.quantile(0.99)).flatten(),
+            if total > 0 { failed as f64 / total as f64 } else { 0.0 },
+        )
+    };
+    let previous = p.install(set);
+    let mut g = p.probation.lock().unwrap_or_else(|e| e.into_inner());
+    // A swap during another probation ends it: the model that was on probation is the one
+    // being replaced, and the comparison restarts against it.
+    *g = (!p.cfg.probation.is_zero()).then(|| Probation {
+        previous,
+        until: Instant::now() + p.cfg.probation,
+        baseline_p99,
+        baseline_errors,
+        inference_at_swap: now_hist,
+        failed_at_swap: now_failed,
+        swap: report.clone(),
+    });
+}
+
+/// Checks a pipeline's probation (called by the control step): rolls back a regression, ends
+/// a probation that passed. Returns the report when it ended either way.
+pub(super) fn check_probation(p: &Pipeline) -> Option<SwapReport> {
+    use crate::telemetry::FailReason;
+    let mut g = p.probation.lock().unwrap_or_else(|e| e.into_inner());
+    let pr = g.as_ref()?;
+    let since = p.stats.inference.snapshot().since(&pr.inference_at_swap);
+    let failed = p.stats.failed(FailReason::Inference).saturating_sub(pr.failed_at_swap);
+    let limits = ProbationLimits {
+        min_frames: p.cfg.probation_min_frames,
+        latency_ratio: p.cfg.probation_latency_ratio,
+        error_rate: p.cfg.probation_error_rate,
+    };
+    let verdict =
+        swap::probation_verdict(&since, failed, pr.baseline_p99, pr.baseline_errors, &limits);
+    if verdict.is_none() && Instant::now() < pr.until {
+        return None;
+    }
+    let pr = g.take()?;
+    drop(g);
+    let mut report = pr.swap.clone();
+    report.at_us = unix_us(SystemTime::now());
+    report.trigger = "probation".into();
+    match verdict {
+        None => {
+            report.result = SwapResult::Kept;
+            log::info!(
+                pipeline = p.name();
+                "model version {} passed probation ({} frames); version {} released",
+                report.to_version.as_deref().unwrap_or("?"),
+                since.count(),
+                report.from_version
+            );
+        }
+        Some(reason) => {
+            report.result = SwapResult::RolledBack;
+            let previous = Arc::clone(&pr.previous);
+            // The marks move too: the restored model's record starts again now.
+            *p.install_mark.lock().unwrap_or_else(|e| e.into_inner()) =
+                (p.stats.inference.snapshot(), p.stats.failed(FailReason::Inference));
+            let rejected_set = p.install_arc(previous);
+            drop(rejected_set);
+            let restored = swap::restore_file(&p.cfg.model, &pr.previous);
+            let file_note = match &restored {
+                Ok(aside) => {
+                    format!("previous file restored, rejected one kept as {}", aside.display())
+                }
+                Err(e) => format!(
+                    "{e}: the file on disk is still the rejected model, a restart would load it"
+                ),
+            };
+            let level = if restored.is_ok() { log::Level::Warn } else { log::Level::Error };
+            log::log!(
+                level,
+                "pipeline {}: model version {} rolled back to {} during probation: {reason}; {file_note}",
+                p.name(),
+                report.to_version.as_deref().unwrap_or("?"),
+                report.from_version
+            );
+            report.reason = Some(format!("{reason}; {file_note}"));
+        }
+    }
+    if let Ok(mut log) = p.swaps.lock() {
+        log.record(report.clone());
+    }
+    Some(report)
 }
 
 /// Runs reloads on a thread of their own, one at a time per pipeline, and hands each report to

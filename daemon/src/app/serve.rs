@@ -20,6 +20,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_unti
 use super::{App, AppError, StopHandle, control, reload, status};
 use crate::config::Qos;
 use crate::mqtt;
+use crate::pipeline::swap::SwapResult;
 use crate::pipeline::{Publisher, WorkerHandle};
 use crate::sys::notify::{self, Notifier};
 use crate::telemetry::DropReason;
@@ -219,7 +220,11 @@ pub(super) async fn serve(
                 if let Some(p) = app.pipelines.get(done.pipeline) {
                     let mut v = serde_json::to_value(&done.report).unwrap_or_default();
                     if let serde_json::Value::Object(o) = &mut v {
-                        o.insert("event".into(), "model_swap".into());
+                        let event = match done.report.result {
+                            SwapResult::Kept | SwapResult::RolledBack => "model_probation",
+                            _ => "model_swap",
+                        };
+                        o.insert("event".into(), event.into());
                         o.insert("pipeline".into(), p.name().into());
                         o.insert("device".into(), cfg.device_id.clone().into());
                     }
@@ -230,7 +235,8 @@ pub(super) async fn serve(
                     }
                 }
                 let was_waiting = awaiting_reload.iter().any(|w| *w);
-                if let Some(w) = awaiting_reload.get_mut(done.pipeline) {
+                let probation = matches!(done.report.result, SwapResult::Kept | SwapResult::RolledBack);
+                if !probation && let Some(w) = awaiting_reload.get_mut(done.pipeline) {
                     *w = false;
                 }
                 if was_waiting && !awaiting_reload.iter().any(|w| *w) {
@@ -365,8 +371,12 @@ pub(super) async fn serve(
             }
 
             _ = control_tick.tick() => {
-                if control::step(app, &mut control_state) {
+                let (changed, ended) = control::step(app, &mut control_state);
+                if changed {
                     let _ = notifier.status(&status::status_line(app, link.connected));
+                }
+                for (pipeline, report) in ended {
+                    let _ = done_tx.send(reload::SwapReportFor { pipeline, report });
                 }
             }
 

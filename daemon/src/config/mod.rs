@@ -347,6 +347,12 @@ pub struct PipelineConfig {
     pub golden_tolerance: f64,
     /// Refuse a swap candidate that ships no golden pairs.
     pub require_golden: bool,
+    /// After a swap, how long the new model is compared with the previous one (zero: no
+    /// probation), and the limits of that comparison.
+    pub probation: Duration,
+    pub probation_min_frames: u64,
+    pub probation_latency_ratio: f64,
+    pub probation_error_rate: f64,
 }
 
 /// Service-level objectives of one pipeline (see `telemetry::slo`).
@@ -1077,6 +1083,13 @@ fn pipeline(
     let watch_model = s.bool(p, "watch_model").unwrap_or(true);
     let golden_tolerance = s.float(p, "golden_tolerance", 0.0, 1.0).unwrap_or(1e-4);
     let require_golden = s.bool(p, "require_golden").unwrap_or(false);
+    let probation = s
+        .duration(p, "probation", Duration::ZERO, Duration::from_secs(86400))
+        .unwrap_or(Duration::from_secs(60));
+    let probation_min_frames =
+        s.int(p, "probation_min_frames", 1, 1 << 30).map_or(50, |n| n as u64);
+    let probation_latency_ratio = s.float(p, "probation_latency_ratio", 1.0, 100.0).unwrap_or(1.5);
+    let probation_error_rate = s.float(p, "probation_error_rate", 0.0, 1.0).unwrap_or(0.01);
     let max_age = s.duration(p, "max_age", Duration::from_millis(1), Duration::from_secs(86400));
     let deadline = s.duration(p, "deadline", Duration::from_millis(1), Duration::from_secs(86400));
     let slo = match s.table(p, "slo") {
@@ -1134,6 +1147,10 @@ fn pipeline(
         watch_model,
         golden_tolerance,
         require_golden,
+        probation,
+        probation_min_frames,
+        probation_latency_ratio,
+        probation_error_rate,
         max_age,
         deadline,
         slo,

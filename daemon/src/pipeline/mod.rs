@@ -116,6 +116,11 @@ pub struct Pipeline {
     generation: AtomicU64,
     /// Swap bookkeeping for health.
     pub swaps: Mutex<swap::SwapLog>,
+    /// The candidate under probation after a swap, with the previous model kept loaded.
+    pub probation: Mutex<Option<swap::Probation>>,
+    /// Inference statistics when the running model went in: (histogram, failed inferences).
+    /// The span since is the running model's record, the baseline of the next probation.
+    pub install_mark: Mutex<(crate::telemetry::Snapshot, u64)>,
     device_id: String,
     error_topic: String,
     errors: ErrorLimiter,
@@ -152,7 +157,9 @@ impl Pipeline {
         if let Some(l) = &cfg.slo.latency {
             stats.slo_threshold_ns.store(l.objective.as_nanos() as u64, Ordering::Relaxed);
         }
-        let set = ModelSet::new(model, Vec::new(), labels, "start-up");
+        // The handle to the file lets a rollback restore it after a swap replaced it.
+        let set = ModelSet::new(model, Vec::new(), labels, "start-up")
+            .with_file(std::fs::File::open(&cfg.model).ok());
         Ok(Pipeline {
             queue: FrameQueue::new(cfg.queue.capacity, cfg.queue.policy),
             slo: Mutex::new(SloTracker::new(&cfg.slo)),
@@ -163,6 +170,8 @@ impl Pipeline {
             active: RwLock::new(Arc::new(set)),
             generation: AtomicU64::new(0),
             swaps: Mutex::new(swap::SwapLog::default()),
+            probation: Mutex::new(None),
+            install_mark: Mutex::new((crate::telemetry::Snapshot::default(), 0)),
             max_clock_skew,
             error_topic: errors.topic.render(device_id, &cfg.name),
             errors: ErrorLimiter {
@@ -196,8 +205,13 @@ impl Pipeline {
     /// flight finish on the old one, which is freed when the last worker lets go of it).
     /// The caller has checked the candidate ([`Pipeline::check_candidate`]).
     pub fn install(&self, set: ModelSet) -> Arc<ModelSet> {
+        self.install_arc(Arc::new(set))
+    }
+
+    /// [`Pipeline::install`] for a set that is already shared (a rollback to the previous one).
+    pub fn install_arc(&self, set: Arc<ModelSet>) -> Arc<ModelSet> {
         let mut g = self.active.write().unwrap_or_else(|e| e.into_inner());
-        let old = std::mem::replace(&mut *g, Arc::new(set));
+        let old = std::mem::replace(&mut *g, set);
         self.generation.fetch_add(1, Ordering::Release);
         drop(g);
         old
@@ -270,7 +284,9 @@ impl Pipeline {
         {
             let mut g = self.active.write().unwrap_or_else(|e| e.into_inner());
             let cur = &**g;
-            let set = ModelSet::new(cur.model.clone(), models, cur.labels.clone(), &cur.source);
+            let file = cur.file.as_ref().and_then(|f| f.try_clone().ok());
+            let set = ModelSet::new(cur.model.clone(), models, cur.labels.clone(), &cur.source)
+                .with_file(file);
             *g = Arc::new(set);
         }
         self

@@ -32,6 +32,9 @@ pub struct ModelSet {
     pub loaded_us: u64,
     /// What brought it in: `start-up`, `sighup`, `file`, `command`.
     pub source: String,
+    /// An open handle to the file it was loaded from. After a new file is renamed over the old
+    /// one, this still reads the old content: a rollback restores the file from it.
+    pub file: Option<std::fs::File>,
 }
 
 /// Model sets alive in this process: one per pipeline in steady state. A swapped-out set lives
@@ -59,7 +62,14 @@ impl ModelSet {
             labels,
             loaded_us: unix_us(SystemTime::now()),
             source: source.into(),
+            file: None,
         }
+    }
+
+    /// Keeps `file` (the handle the model was read from) for a later rollback.
+    pub fn with_file(mut self, file: Option<std::fs::File>) -> Self {
+        self.file = file;
+        self
     }
 
     /// Batch sizes with a plan, ascending (1 always).
@@ -79,6 +89,10 @@ pub enum SwapResult {
     Unchanged,
     /// The candidate failed a check; the running model stays.
     Rejected,
+    /// The candidate regressed during probation; the previous model is back.
+    RolledBack,
+    /// The candidate passed probation; the previous model is released.
+    Kept,
 }
 
 /// One swap attempt, for health and the event message.
@@ -107,6 +121,8 @@ pub struct SwapLog {
     pub swapped: u64,
     pub rejected: u64,
     pub unchanged: u64,
+    pub rolled_back: u64,
+    pub kept: u64,
     pub last: Option<SwapReport>,
 }
 
@@ -116,9 +132,117 @@ impl SwapLog {
             SwapResult::Swapped => self.swapped += 1,
             SwapResult::Rejected => self.rejected += 1,
             SwapResult::Unchanged => self.unchanged += 1,
+            SwapResult::RolledBack => self.rolled_back += 1,
+            SwapResult::Kept => self.kept += 1,
         }
         self.last = Some(r);
     }
+}
+
+/// A swapped-in model under watch: the previous set stays loaded until the window ends, so a
+/// regression can be undone at once.
+pub struct Probation {
+    pub previous: std::sync::Arc<ModelSet>,
+    pub until: std::time::Instant,
+    /// The previous model's inference P99 and error rate over its last stretch of service.
+    pub baseline_p99: Option<std::time::Duration>,
+    pub baseline_errors: f64,
+    /// Statistics when the candidate went in (its window starts here).
+    pub inference_at_swap: crate::telemetry::Snapshot,
+    pub failed_at_swap: u64,
+    /// The swap report this probation follows (from/to versions).
+    pub swap: SwapReport,
+}
+
+/// Thresholds of a probation verdict.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbationLimits {
+    pub min_frames: u64,
+    /// Candidate P99 above this multiple of the baseline's is a regression.
+    pub latency_ratio: f64,
+    /// Candidate error rate above the baseline's plus this is a regression.
+    pub error_rate: f64,
+}
+
+/// Whether a candidate with `frames` inferences (latency histogram `since_swap`) and `failed`
+/// failed inferences regressed against the baseline; the reason if so. No verdict before
+/// `min_frames`.
+pub fn probation_verdict(
+    since_swap: &crate::telemetry::Snapshot,
+    failed: u64,
+    baseline_p99: Option<std::time::Duration>,
+    baseline_errors: f64,
+    limits: &ProbationLimits,
+) -> Option<String> {
+    let frames = since_swap.count();
+    let total = frames + failed;
+    if total < limits.min_frames.max(1) {
+        return None;
+    }
+    let errors = failed as f64 / total as f64;
+    if errors > baseline_errors + limits.error_rate {
+        return Some(format!(
+            "inference error rate {:.2}% over {total} frames, {:.2}% before (limit +{:.2}%)",
+            errors * 100.0,
+            baseline_errors * 100.0,
+            limits.error_rate * 100.0
+        ));
+    }
+    let (Some(p99), Some(base)) = (since_swap.quantile(0.99), baseline_p99) else { return None };
+    if p99.as_secs_f64() > base.as_secs_f64() * limits.latency_ratio {
+        return Some(format!(
+            "inference P99 {:.1} ms over {frames} frames, {:.1} ms before (limit {}x)",
+            p99.as_secs_f64() * 1e3,
+            base.as_secs_f64() * 1e3,
+            limits.latency_ratio
+        ));
+    }
+    None
+}
+
+/// Puts the previous model file back at `path` from the handle it was loaded through, moving
+/// the rejected file aside to `<path>.rejected`. Refuses when the handle no longer holds the
+/// previous model (the file was modified in place rather than replaced).
+pub fn restore_file(path: &Path, previous: &ModelSet) -> Result<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, Write};
+    let mut f = previous
+        .file
+        .as_ref()
+        .ok_or("the previous model's file handle was not kept")?
+        .try_clone()
+        .map_err(|e| format!("cannot reuse the previous model's file handle: {e}"))?;
+    f.rewind().map_err(|e| format!("cannot read the previous model back: {e}"))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(|e| format!("cannot read the previous model back: {e}"))?;
+    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    if sha != previous.model.sha256 {
+        return Err("the previous model file was modified in place; it cannot be restored".into());
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let rejected = path.with_file_name(format!("{name}.rejected"));
+    let tmp = path.with_file_name(format!(".{name}.restore"));
+    let write = || -> std::io::Result<()> {
+        let mut out = std::fs::File::create(&tmp)?;
+        out.write_all(&bytes)?;
+        out.sync_all()?;
+        // The rejected candidate is kept for inspection; a missing file is fine.
+        match std::fs::rename(path, &rejected) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot restore {}: {e}", path.display())
+    })?;
+    Ok(rejected)
 }
 
 /// Where the golden pairs of `model_path` live: `<dir>/<stem>.golden/`.
@@ -232,6 +356,61 @@ mod tests {
 
     fn load(path: &Path) -> Model {
         Model::load(path, &LoadOptions::default()).expect("model")
+    }
+
+    #[test]
+    fn probation_verdicts() {
+        use crate::telemetry::Histogram;
+        use std::time::Duration;
+        let limits = ProbationLimits { min_frames: 20, latency_ratio: 1.5, error_rate: 0.01 };
+        let h = Histogram::default();
+        for _ in 0..10 {
+            h.record(Duration::from_millis(30));
+        }
+        let base = Some(Duration::from_millis(10));
+        assert_eq!(probation_verdict(&h.snapshot(), 0, base, 0.0, &limits), None, "too few frames");
+        for _ in 0..30 {
+            h.record(Duration::from_millis(30));
+        }
+        let why = probation_verdict(&h.snapshot(), 0, base, 0.0, &limits).expect("regression");
+        assert!(why.contains("P99") && why.contains("10.0 ms before"), "{why}");
+        assert_eq!(
+            probation_verdict(&h.snapshot(), 0, Some(Duration::from_millis(25)), 0.0, &limits),
+            None
+        );
+        assert_eq!(probation_verdict(&h.snapshot(), 0, None, 0.0, &limits), None, "no baseline");
+        let why = probation_verdict(&h.snapshot(), 2, None, 0.0, &limits).expect("errors");
+        assert!(why.contains("error rate"), "{why}");
+        assert_eq!(
+            probation_verdict(&h.snapshot(), 2, None, 0.05, &limits),
+            None,
+            "as bad as before"
+        );
+    }
+
+    #[test]
+    fn a_replaced_file_is_restored_from_the_old_handle() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.onnx");
+        std::fs::copy(fixture("digits/model.onnx"), &path).expect("copy");
+        let handle = std::fs::File::open(&path).expect("open");
+        let set = ModelSet::new(load(&path), vec![], vec![], "test").with_file(Some(handle));
+        // A new file renamed over the old one.
+        let tmp = dir.path().join("m.onnx.tmp");
+        std::fs::copy(fixture("digits_v2/model.onnx"), &tmp).expect("copy");
+        std::fs::rename(&tmp, &path).expect("rename");
+        let rejected = restore_file(&path, &set).expect("restore");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            std::fs::read(fixture("digits/model.onnx")).expect("v1")
+        );
+        assert_eq!(
+            std::fs::read(&rejected).expect("read"),
+            std::fs::read(fixture("digits_v2/model.onnx")).expect("v2")
+        );
+        // Without the handle there is nothing to restore from.
+        let bare = ModelSet::new(load(&path), vec![], vec![], "test");
+        assert!(restore_file(&path, &bare).is_err());
     }
 
     #[test]
