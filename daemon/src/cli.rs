@@ -73,6 +73,10 @@ pub enum Command {
         /// Run in f16 (weights and activations converted from f32).
         #[arg(long)]
         f16: bool,
+        /// Use (and fill) the optimized-model cache in this directory, as the daemon does with
+        /// its state directory: a second run shows the cached load time.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -108,8 +112,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Inspect { model, input_shapes, runs, batch, threads, f16, json } => {
-            inspect(&model, &input_shapes, runs, json, Levers { batch, threads, half: f16 })
+        Command::Inspect { model, input_shapes, runs, batch, threads, f16, cache, json } => {
+            inspect(&model, &input_shapes, runs, json, Levers { batch, threads, half: f16, cache })
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(&args),
@@ -203,11 +207,12 @@ fn parse_shape_arg(s: &str) -> Result<(String, Vec<usize>), String> {
 }
 
 /// Performance levers `inspect` can measure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Levers {
     batch: usize,
     threads: usize,
     half: bool,
+    cache: Option<PathBuf>,
 }
 
 fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Levers) -> ExitCode {
@@ -227,6 +232,7 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
         input_shapes,
         threads: levers.threads,
         half: levers.half,
+        cache_dir: levers.cache.clone(),
         ..LoadOptions::default()
     };
     if levers.batch > 1 {
@@ -275,6 +281,7 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
             "operators": model.op_histogram,
             "load_us": model.load_time.as_micros() as u64,
             "optimize_us": model.optimize_time.as_micros() as u64,
+            "from_cache": model.from_cache,
             "levers": {"batch": levers.batch, "threads": levers.threads, "f16": levers.half},
             "inference": timings.as_ref().map(|t| serde_json::json!({
                 "per_frame": true,
@@ -310,7 +317,11 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
         model.optimized_nodes,
         ops.join(", ")
     );
-    println!("load      {:?}", model.load_time);
+    println!(
+        "load      {:?}{}",
+        model.load_time,
+        if model.from_cache { " (from the model cache)" } else { "" }
+    );
     println!("optimize  {:?}", model.optimize_time);
     if let Some(t) = timings {
         println!(

@@ -6,7 +6,8 @@
 //! - [`app`]: start-up sequence, serving loop, shutdown.
 //! - [`pipeline`]: decode -> bounded queue -> workers -> results.
 //! - [`mqtt`]: client options (session, TLS, Last Will) and the publisher used by workers.
-//! - [`model`]: tract behind our own `Model`/`Session` types.
+//! - [`model`]: tract behind our own `Model`/`Session` types; [`model_cache`]: its fast-start
+//!   cache of decluttered graphs.
 //! - [`telemetry`]: counters, histograms, accounting reasons.
 //! - [`config`]: the TOML file and its validation; [`topic`]: filters and templates.
 //! - [`logging`]: the process logger. `demo` (feature): in-process broker and sensors.
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod fault;
 pub mod logging;
 pub mod model;
+pub mod model_cache;
 pub mod mqtt;
 pub mod pipeline;
 pub mod sys;

@@ -80,6 +80,26 @@ impl DType {
     }
 
     /// Short name used in config, meta files and messages (`f32`, `i64`, ...).
+    /// The inverse of [`DType::name`].
+    pub fn from_name(name: &str) -> Option<DType> {
+        [
+            DType::F16,
+            DType::F32,
+            DType::F64,
+            DType::I8,
+            DType::I16,
+            DType::I32,
+            DType::I64,
+            DType::U8,
+            DType::U16,
+            DType::U32,
+            DType::U64,
+            DType::Bool,
+        ]
+        .into_iter()
+        .find(|d| d.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F16 => "f16",
@@ -210,6 +230,8 @@ pub struct LoadOptions {
     /// Convert f32 weights and activations to f16 (fast on ARMv8.2+ with fp16 arithmetic; the
     /// model's float inputs and outputs become f16 too).
     pub half: bool,
+    /// Directory of the optimized-model cache (`None`: no cache). See `model_cache`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// A loaded, optimized, runnable model. Cheap to share between workers (`Arc` inside).
@@ -232,7 +254,18 @@ pub struct Model {
     pub load_time: Duration,
     /// Type inference, decluttering and optimization into a runnable plan.
     pub optimize_time: Duration,
+    /// Loaded from the optimized-model cache (ONNX parsing and decluttering skipped).
+    pub from_cache: bool,
     plan: Arc<TypedSimplePlan>,
+}
+
+/// What parsing the ONNX file produced besides the graph (also what the cache stores).
+pub struct Parsed {
+    pub inputs: Vec<TensorSpec>,
+    pub output_names: Vec<String>,
+    pub onnx_version: i64,
+    pub onnx_nodes: usize,
+    pub op_histogram: BTreeMap<String, usize>,
 }
 
 impl fmt::Debug for Model {
@@ -258,6 +291,44 @@ impl Model {
         let bytes =
             std::fs::read(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
         let sha256 = hex(&Sha256::digest(&bytes));
+        // Fast start: a cached decluttered graph skips parsing, type inference and decluttering.
+        let cache_key = opts
+            .cache_dir
+            .as_ref()
+            .map(|_| crate::model_cache::key(&sha256, &opts.input_shapes, opts.half));
+        if let (Some(dir), Some(key)) = (&opts.cache_dir, &cache_key) {
+            match crate::model_cache::load(dir, key) {
+                Ok(Some((typed, meta))) => {
+                    let inputs: Option<Vec<TensorSpec>> =
+                        meta.inputs.iter().map(crate::model_cache::SpecMeta::to_spec).collect();
+                    if let Some(inputs) = inputs {
+                        let parsed = Parsed {
+                            inputs,
+                            output_names: meta.output_names,
+                            onnx_version: meta.onnx_version,
+                            onnx_nodes: meta.onnx_nodes,
+                            op_histogram: meta.op_histogram,
+                        };
+                        let load_time = t0.elapsed();
+                        return Self::finish(
+                            path,
+                            opts,
+                            sha256,
+                            typed,
+                            parsed,
+                            load_time,
+                            Instant::now(),
+                            true,
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!(
+                    "model cache entry for {} is unreadable ({e}); loading the ONNX file and rewriting the entry",
+                    path.display()
+                ),
+            }
+        }
         let perr = |detail: String| ModelError::Parse { path: path.into(), detail };
         // Stored intermediate shapes (value_info) may use symbols that disagree with the concrete
         // input shapes we set; tract re-infers every intermediate shape anyway, so ignore them.
@@ -367,6 +438,35 @@ impl Model {
             .transform(&mut typed)
             .map_err(oerr)?;
         }
+        let parsed = Parsed { inputs, output_names, onnx_version, onnx_nodes, op_histogram };
+        if let (Some(dir), Some(key)) = (&opts.cache_dir, &cache_key) {
+            let meta = crate::model_cache::Meta::of(&parsed);
+            match crate::model_cache::store(dir, key, &typed, &meta) {
+                Ok(()) => log::debug!("model {} cached in {}", path.display(), dir.display()),
+                Err(e) => log::warn!(
+                    "cannot cache the decluttered model in {} ({e}); the next start parses the ONNX file again",
+                    dir.display()
+                ),
+            }
+        }
+        Self::finish(path, opts, sha256, typed, parsed, load_time, t1, false)
+    }
+
+    /// Optimizes a decluttered graph into a runnable plan and describes it (both load paths).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        path: &Path,
+        opts: &LoadOptions,
+        sha256: String,
+        typed: TypedModel,
+        parsed: Parsed,
+        load_time: Duration,
+        t1: Instant,
+        from_cache: bool,
+    ) -> Result<Model, ModelError> {
+        let Parsed { inputs, output_names, onnx_version, onnx_nodes, op_histogram } = parsed;
+        let oerr =
+            |e: TractError| ModelError::Optimize { path: path.into(), detail: format!("{e:#}") };
         let typed = typed.into_optimized().map_err(oerr)?;
         let inputs: Vec<TensorSpec> = if opts.half {
             // The translator turned float inputs into f16: report what the plan now takes.
@@ -435,6 +535,7 @@ impl Model {
             op_histogram,
             load_time,
             optimize_time,
+            from_cache,
             plan,
         })
     }

@@ -120,3 +120,45 @@ fn classification_adds_top_k_with_labels() {
         }
     }
 }
+
+/// The model cache across restarts: the first start fills it, the second loads from it, and
+/// both serve the onnxruntime reference outputs.
+#[test]
+fn a_restart_loads_the_model_from_the_cache_with_the_same_results() {
+    let fx = Fixture::load("sensor_cnn").expect("fixture");
+    let state = tempfile::tempdir().expect("state");
+    let broker = edgeinfer_tests::Mosquitto::start().expect("mosquitto");
+    let pipelines = format!("{}\n", fx.pipeline("cnn", "mc/+/in", "mc/{1}/out", ""));
+    let cfg = edgeinfer_tests::config(broker.port, "cache", &pipelines).replace(
+        "[system]\n",
+        &format!(
+            "[system]\nstate_dir = {:?}\nmodel_cache = true\n",
+            state.path().display().to_string()
+        ),
+    );
+    for (round, cached) in [(0, false), (1, true)] {
+        let mut daemon = edgeinfer_tests::Daemon::start(&cfg).expect("daemon");
+        let h = edgeinfer_tests::wait_online(broker.port, "cache");
+        assert_eq!(h["pipelines"]["cnn"]["model"]["from_cache"], cached, "start {round}: {h}");
+        let obs =
+            MqttClient::connect(broker.port, &format!("cache-obs-{round}")).expect("observer");
+        obs.subscribe("mc/+/out").expect("subscribe");
+        let dev = MqttClient::connect(broker.port, &format!("cache-dev-{round}")).expect("device");
+        for (i, _) in fx.samples.iter().enumerate() {
+            dev.publish("mc/a/in", fx.json_frame(i, i as u64), rumqttc::QoS::AtLeastOnce, false)
+                .expect("publish");
+        }
+        let msgs = obs
+            .collect_until(Duration::from_secs(30), |m| m.len() >= fx.samples.len())
+            .expect("results");
+        for m in &msgs {
+            let v = m.json();
+            let i = v["seq"].as_u64().expect("seq") as usize;
+            fx.check_result(i, &v).unwrap_or_else(|e| panic!("start {round}, sample {i}: {e}"));
+        }
+        daemon.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(daemon.wait_exit(Duration::from_secs(20)).expect("exit").success());
+    }
+    let entries = std::fs::read_dir(state.path().join("cache")).expect("cache dir").count();
+    assert_eq!(entries, 2, "one entry: graph and metadata");
+}

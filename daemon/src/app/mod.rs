@@ -144,19 +144,22 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
     if !problems.is_empty() {
         return Err(AppError::Files { problems });
     }
-    config.pipelines.iter().map(load_pipeline).collect()
+    let cache = config.system.cache_dir();
+    config.pipelines.iter().map(|pc| load_pipeline(pc, cache.as_deref())).collect()
 }
 
 /// Loads, optimizes and warms up one pipeline's model, its labels and its batched plans (at
 /// start-up, and for a hot swap candidate).
 fn load_pipeline(
     pc: &crate::config::PipelineConfig,
+    cache: Option<&std::path::Path>,
 ) -> Result<(Model, Vec<String>, Vec<Model>), AppError> {
     {
         let opts = LoadOptions {
             name: pc.name.clone(),
             version: pc.model_version.clone(),
             input_shapes: pc.input_shapes.clone(),
+            cache_dir: cache.map(std::path::Path::to_path_buf),
             ..LoadOptions::default()
         };
         let model = Model::load(&pc.model, &opts)
@@ -166,10 +169,11 @@ fn load_pipeline(
             .map_err(|source| AppError::WarmUp { pipeline: pc.name.clone(), source })?;
         log::info!(
             pipeline = pc.name.as_str(), model = model.name.as_str(), model_version = model.version.as_str();
-            "model {} sha256={} loaded in {:?}, optimized in {:?}, warm-up run {:?}",
+            "model {} sha256={} loaded in {:?}{}, optimized in {:?}, warm-up run {:?}",
             model.path.display(),
             &model.sha256[..12],
             model.load_time,
+            if model.from_cache { " (from the model cache)" } else { "" },
             model.optimize_time,
             warm
         );
@@ -186,7 +190,7 @@ fn load_pipeline(
             },
             PostProcess::Raw => Vec::new(),
         };
-        let batched = batch_models(pc, &model)?;
+        let batched = batch_models(pc, &model, cache)?;
         Ok((model, labels, batched))
     }
 }
@@ -206,6 +210,7 @@ pub fn batch_sizes(max_batch: usize) -> Vec<usize> {
 fn batch_models(
     pc: &crate::config::PipelineConfig,
     single: &Model,
+    cache: Option<&std::path::Path>,
 ) -> Result<Vec<Model>, AppError> {
     let mismatch = |message: String| AppError::Mismatch { pipeline: pc.name.clone(), message };
     let sizes = batch_sizes(pc.max_batch);
@@ -242,6 +247,7 @@ fn batch_models(
             name: single.name.clone(),
             version: Some(single.version.clone()),
             input_shapes,
+            cache_dir: cache.map(std::path::Path::to_path_buf),
             ..LoadOptions::default()
         };
         let m = Model::load(&single.path, &opts)

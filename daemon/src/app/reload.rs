@@ -68,7 +68,8 @@ pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport>
         golden_checked: 0,
         reason: None,
     };
-    let outcome = candidate(p, trigger, &cur, &mut report);
+    let cache = app.config.system.cache_dir();
+    let outcome = candidate(p, trigger, &cur, cache.as_deref(), &mut report);
     drop(cur);
     match outcome {
         Ok(None) => report.result = SwapResult::Unchanged,
@@ -115,6 +116,7 @@ fn candidate(
     p: &Pipeline,
     trigger: &str,
     cur: &ModelSet,
+    cache: Option<&Path>,
     report: &mut SwapReport,
 ) -> Result<Option<ModelSet>, String> {
     let pc = &p.cfg;
@@ -123,7 +125,7 @@ fn candidate(
     if sha == cur.model.sha256 {
         return Ok(None);
     }
-    let (model, labels, batched) = super::load_pipeline(pc).map_err(|e| chain(&e))?;
+    let (model, labels, batched) = super::load_pipeline(pc, cache).map_err(|e| chain(&e))?;
     report.to_version = Some(model.version.clone());
     report.to_sha256 = Some(model.sha256.clone());
     if model.sha256 != sha {

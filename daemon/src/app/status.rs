@@ -90,6 +90,7 @@ pub fn online(app: &App) -> Vec<u8> {
                     "name": m.name, "version": m.version, "sha256": m.sha256, "path": m.path,
                     "loaded_us": set.loaded_us, "source": set.source,
                     "load_ms": m.load_time.as_secs_f64() * 1e3,
+                    "from_cache": m.from_cache,
                     "optimize_ms": m.optimize_time.as_secs_f64() * 1e3,
                 },
                 "swaps": swaps,

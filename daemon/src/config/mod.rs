@@ -101,6 +101,26 @@ pub struct SystemConfig {
     pub inference_cpus: Option<Vec<usize>>,
     pub worker_sched: WorkerSchedConfig,
     pub cgroup: CgroupConfig,
+    /// Persistent state (model cache); `None`: systemd's `$STATE_DIRECTORY` when set.
+    pub state_dir: Option<PathBuf>,
+    /// Cache decluttered models in `<state_dir>/cache` for fast start.
+    pub model_cache: bool,
+}
+
+impl SystemConfig {
+    /// Where the model cache lives, if it is on: `state_dir`, else `$STATE_DIRECTORY` (the
+    /// unit's StateDirectory=, /var/lib/edgeinfer), plus `cache/`.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if !self.model_cache {
+            return None;
+        }
+        let state = self.state_dir.clone().or_else(|| {
+            // systemd may list several directories separated by ':'; ours is the first.
+            let v = std::env::var_os("STATE_DIRECTORY")?;
+            v.to_string_lossy().split(':').next().filter(|s| !s.is_empty()).map(PathBuf::from)
+        })?;
+        Some(state.join("cache"))
+    }
 }
 
 /// Scheduling class of inference worker threads.
@@ -612,7 +632,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         ShutdownConfig { grace }
     };
 
-    let system = system(&mut root, p);
+    let system = system(&mut root, p, base);
 
     let mut pipelines = Vec::new();
     match root.get("pipelines") {
@@ -710,7 +730,7 @@ fn percent(s: &mut Section<'_>, p: &mut Problems, key: &'static str) -> Option<u
     parsed
 }
 
-fn system(root: &mut Section<'_>, p: &mut Problems) -> SystemConfig {
+fn system(root: &mut Section<'_>, p: &mut Problems, base: &Path) -> SystemConfig {
     let mut out = SystemConfig {
         allow_root: false,
         keep_capabilities: Vec::new(),
@@ -726,9 +746,13 @@ fn system(root: &mut Section<'_>, p: &mut Problems) -> SystemConfig {
             inference_cpu_max: None,
             queue_memory_fraction: 0.25,
         },
+        state_dir: None,
+        model_cache: false,
     };
     let Some(mut s) = root.table(p, "system") else { return out };
     out.allow_root = s.bool(p, "allow_root").unwrap_or(false);
+    out.state_dir = s.string(p, "state_dir").map(|d| resolve(base, d));
+    out.model_cache = s.bool(p, "model_cache").unwrap_or(false);
     out.keep_capabilities = s.string_array(p, "keep_capabilities").unwrap_or_default();
     for c in &out.keep_capabilities {
         let canonical = caps_name(c);
