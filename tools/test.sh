@@ -51,6 +51,7 @@ if [[ $quick -eq 0 ]]; then
 fi
 echo "== build the daemon binary used by the integration tests (with the test-only fault hooks)"
 cargo build -p edgeinfer --bins --locked --features fault-hooks
+cargo build -p edgeinfer-ota --locked
 echo "== systemd unit, sysusers and tmpfiles files"
 tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer"
 echo "== tests (unit + integration against a real mosquitto)"

@@ -23,6 +23,7 @@ pub mod logging;
 pub mod model;
 pub mod model_cache;
 pub mod mqtt;
+pub mod ota;
 pub mod pipeline;
 pub mod sys;
 pub mod telemetry;

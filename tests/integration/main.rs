@@ -6,6 +6,7 @@ mod lifecycle;
 mod malformed;
 mod metrics;
 mod models;
+mod ota;
 mod overload;
 mod queueing;
 mod routing;

@@ -20,6 +20,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_unti
 use super::{App, AppError, StopHandle, control, reload, status};
 use crate::config::Qos;
 use crate::mqtt;
+use crate::ota;
 use crate::pipeline::swap::SwapResult;
 use crate::pipeline::{Publisher, WorkerHandle};
 use crate::sys::notify::{self, Notifier};
@@ -187,6 +188,10 @@ pub(super) async fn serve(
     // Pipelines a SIGHUP is still reloading (READY=1 follows RELOADING=1 once all are done).
     let mut awaiting_reload = vec![false; app.pipelines.len()];
     let reload_topic = cfg.commands.reload_topic.as_ref().map(|t| t.render(&cfg.device_id, ""));
+    // Model delivery over MQTT: staged transfers resume across restarts.
+    let ota_base = cfg.ota.enabled.then(|| cfg.ota.topic.render(&cfg.device_id, ""));
+    let mut ota = ota_base.as_ref().and_then(|_| open_ota(app));
+    let mut ota_installing: Vec<Option<ota::Status>> = vec![None; app.pipelines.len()];
     let events_topic = cfg.commands.events_topic.render(&cfg.device_id, "");
 
     let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
@@ -234,6 +239,19 @@ pub(super) async fn serve(
                         let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
                     }
                 }
+                if done.report.trigger == "ota"
+                    && let Some(mut st) = ota_installing.get_mut(done.pipeline).and_then(Option::take)
+                {
+                    st.state = match done.report.result {
+                        SwapResult::Swapped | SwapResult::Unchanged => "installed",
+                        _ => "rejected",
+                    };
+                    st.reason = done.report.reason.clone();
+                    st.missing.clear();
+                    if let Some(base) = ota_base.as_deref() {
+                        publish_ota(&*publisher, base, &st);
+                    }
+                }
                 let was_waiting = awaiting_reload.iter().any(|w| *w);
                 let probation = matches!(done.report.result, SwapResult::Kept | SwapResult::RolledBack);
                 if !probation && let Some(w) = awaiting_reload.get_mut(done.pipeline) {
@@ -257,6 +275,46 @@ pub(super) async fn serve(
             }
 
             ev = el.poll(), if link.retry_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) if ota_base.as_deref().is_some_and(|b| p.topic.strip_prefix(b).is_some_and(|r| r.starts_with('/'))) => {
+                    if p.qos != QoS::AtMostOnce {
+                        let mut a = Publish::new(String::new(), p.qos, Vec::new());
+                        a.pkid = p.pkid;
+                        let _ = client.try_ack(&a);
+                    }
+                    let base = ota_base.as_deref().unwrap_or_default();
+                    if let (Some(rx), true) = (ota.as_mut(), matches!(phase, Phase::Running)) {
+                        let rest = &p.topic[base.len() + 1..];
+                        let mut parts = rest.splitn(3, '/');
+                        let (pipeline, kind, n) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
+                        let idx = app.pipelines.iter().position(|x| x.name() == pipeline);
+                        let target = idx.map(|i| {
+                            let x = &app.pipelines[i];
+                            ota::Target { model_path: x.cfg.model.clone(), running_version: x.models().model.version.clone() }
+                        });
+                        let outcome = match (kind, n) {
+                            ("manifest", None) => rx.on_manifest(pipeline, target.as_ref(), &p.payload),
+                            ("chunk", Some(n)) => rx.on_chunk(pipeline, target.as_ref(), n, &p.payload),
+                            _ => ota::Outcome::Quiet,
+                        };
+                        match outcome {
+                            ota::Outcome::Quiet => {}
+                            ota::Outcome::Status(st) => {
+                                if st.state == "rejected" {
+                                    log::warn!(pipeline = pipeline; "OTA rejected: {}", st.reason.as_deref().unwrap_or("?"));
+                                }
+                                publish_ota(&*publisher, base, &st);
+                            }
+                            ota::Outcome::Install(st) => {
+                                log::info!(pipeline = pipeline; "OTA: version {} received and verified ({} chunks); swapping it in", st.version, st.chunks);
+                                publish_ota(&*publisher, base, &st);
+                                if let Some(i) = idx {
+                                    ota_installing[i] = Some(st);
+                                    reloader.start(app, i, "ota", done_tx.clone());
+                                }
+                            }
+                        }
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) if reload_topic.as_deref() == Some(p.topic.as_str()) => {
                     // A command, not a frame: acknowledge and act (only while running).
                     if p.qos != QoS::AtMostOnce {
@@ -323,6 +381,12 @@ pub(super) async fn serve(
                         log::error!("cannot subscribe: {e}");
                     }
                     let _ = publisher.try_publish(&health_topic, status::online(app), Qos::AtLeastOnce, true);
+                    // Staged OTA transfers: tell senders which chunks are still missing.
+                    if let (Some(rx), Some(base)) = (ota.as_ref(), ota_base.as_deref()) {
+                        for st in rx.pending() {
+                            publish_ota(&*publisher, base, &st);
+                        }
+                    }
                     if !ready_sent {
                         ready_sent = true;
                         let _ = notifier.ready(&status::status_line(app, true));
@@ -447,6 +511,48 @@ pub(super) async fn serve(
     Ok(())
 }
 
+/// Opens the OTA receiver in `<state_dir>/ota` with the trusted keys; logs why not.
+fn open_ota(app: &App) -> Option<ota::Receiver> {
+    let cfg = &app.config;
+    let Some(state) = cfg.system.state_dir() else {
+        log::error!(
+            "ota.enabled needs a state directory (system.state_dir or the unit's StateDirectory=); OTA is off"
+        );
+        return None;
+    };
+    let mut keys = std::collections::BTreeMap::new();
+    for (id, b64) in &cfg.ota.trusted_keys {
+        match ota::parse_public_key(b64) {
+            Ok(k) => {
+                keys.insert(id.clone(), k);
+            }
+            Err(e) => log::error!("ota.trusted_keys.{id}: {e}; key ignored"),
+        }
+    }
+    let settings = ota::Settings { dir: state.join("ota"), max_size: cfg.ota.max_size, keys };
+    match ota::Receiver::open(settings) {
+        Ok(r) => {
+            log::info!(
+                "OTA model delivery on {}/<pipeline>/...",
+                cfg.ota.topic.render(&cfg.device_id, "")
+            );
+            Some(r)
+        }
+        Err(e) => {
+            log::error!("OTA is off: {e}");
+            None
+        }
+    }
+}
+
+/// Publishes an OTA status (retained: a sender that connects later sees where things stand).
+fn publish_ota(publisher: &dyn Publisher, base: &str, st: &ota::Status) {
+    let topic = format!("{base}/{}/status", st.pipeline);
+    if let Ok(payload) = serde_json::to_vec(st) {
+        let _ = publisher.try_publish(&topic, payload, Qos::AtLeastOnce, true);
+    }
+}
+
 /// Which pipelines a reload command names: an empty payload or `{}` means all of them,
 /// `{"pipeline": "name"}` one.
 fn reload_targets(app: &App, payload: &[u8]) -> Result<Vec<usize>, String> {
@@ -478,6 +584,11 @@ fn subscriptions(app: &App) -> Vec<SubscribeFilter> {
     let mut out: Vec<SubscribeFilter> = Vec::new();
     if let Some(t) = &app.config.commands.reload_topic {
         out.push(SubscribeFilter::new(t.render(&app.config.device_id, ""), QoS::AtLeastOnce));
+    }
+    if app.config.ota.enabled {
+        let base = app.config.ota.topic.render(&app.config.device_id, "");
+        out.push(SubscribeFilter::new(format!("{base}/+/manifest"), QoS::AtLeastOnce));
+        out.push(SubscribeFilter::new(format!("{base}/+/chunk/+"), QoS::AtLeastOnce));
     }
     for p in &app.pipelines {
         let q = mqtt::qos(p.cfg.qos);

@@ -81,6 +81,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
     pub commands: CommandsConfig,
+    pub ota: OtaConfig,
     pub errors: ErrorsConfig,
     pub shutdown: ShutdownConfig,
     pub system: SystemConfig,
@@ -114,12 +115,16 @@ impl SystemConfig {
         if !self.model_cache {
             return None;
         }
-        let state = self.state_dir.clone().or_else(|| {
+        Some(self.state_dir()?.join("cache"))
+    }
+
+    /// The state directory: `state_dir`, else `$STATE_DIRECTORY` (the unit's StateDirectory=).
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.state_dir.clone().or_else(|| {
             // systemd may list several directories separated by ':'; ours is the first.
             let v = std::env::var_os("STATE_DIRECTORY")?;
             v.to_string_lossy().split(':').next().filter(|s| !s.is_empty()).map(PathBuf::from)
-        })?;
-        Some(state.join("cache"))
+        })
     }
 }
 
@@ -218,6 +223,17 @@ pub struct TlsConfig {
 pub struct HealthConfig {
     pub topic: TopicTemplate,
     pub interval: Duration,
+}
+
+/// Model delivery over MQTT (see `ota`).
+#[derive(Debug, Clone)]
+pub struct OtaConfig {
+    pub enabled: bool,
+    /// Base topic: `<topic>/<pipeline>/{manifest,chunk/<n>,status}`.
+    pub topic: TopicTemplate,
+    /// key_id -> base64 ed25519 public key.
+    pub trusted_keys: BTreeMap<String, String>,
+    pub max_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -606,6 +622,46 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         CommandsConfig { reload_topic: (!disabled).then_some(reload), events_topic }
     };
 
+    let ota = {
+        let mut s = root.table(p, "ota");
+        let enabled = s.as_mut().and_then(|s| s.bool(p, "enabled")).unwrap_or(false);
+        let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/ota", 0);
+        let max_size =
+            s.as_mut().and_then(|s| s.size(p, "max_size", 1024, 1 << 34)).unwrap_or(512 << 20);
+        let mut trusted_keys = BTreeMap::new();
+        if let Some(s) = s.as_mut()
+            && let Some(mut keys) = s.table(p, "trusted_keys")
+        {
+            let entries: Vec<(String, Value)> =
+                keys.entries().map(|(k, v)| (k.clone(), v.clone())).collect();
+            for (id, v) in entries {
+                let key = keys.key(&id);
+                use base64::Engine;
+                let decoded = v
+                    .as_str()
+                    .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t.trim()).ok());
+                match decoded {
+                    Some(b) if b.len() == 32 => {
+                        trusted_keys.insert(id, v.as_str().unwrap_or_default().trim().to_string());
+                    }
+                    _ => p.push(
+                        key,
+                        Some(&v),
+                        "expected a base64 ed25519 public key (32 bytes), as printed by `edgeinfer-ota keygen`",
+                    ),
+                }
+            }
+            keys.finish(p);
+        }
+        if enabled && trusted_keys.is_empty() {
+            p.push("ota.trusted_keys", None, "OTA is enabled but trusts no key: add at least one (tools/ota: edgeinfer-ota keygen)");
+        }
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        OtaConfig { enabled, topic, trusted_keys, max_size }
+    };
+
     let errors = {
         let mut s = root.table(p, "errors");
         let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/errors/{pipeline}", 0);
@@ -675,6 +731,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         health,
         metrics,
         commands,
+        ota,
         errors,
         shutdown,
         system,
