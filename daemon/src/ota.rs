@@ -113,6 +113,8 @@ pub struct Settings {
     /// Staging directory (`<state_dir>/ota`).
     pub dir: PathBuf,
     pub max_size: u64,
+    /// Free space to leave on the state directory's file system after staging and installing.
+    pub min_free: u64,
     /// key_id -> ed25519 public key.
     pub keys: BTreeMap<String, VerifyingKey>,
 }
@@ -323,12 +325,12 @@ impl Receiver {
             .map_err(|e| {
                 format!("cannot check free space in {}: {e}", self.settings.dir.display())
             })?;
-        // Room for the staged file and the installed copy.
-        if free < m.size.saturating_mul(2) {
+        // Room for the staged file and the installed copy, and what must stay free.
+        let needed = m.size.saturating_mul(2).saturating_add(self.settings.min_free);
+        if free < needed {
             return Err(format!(
-                "disk full: {free} bytes free in {}, {} needed",
-                self.settings.dir.display(),
-                m.size * 2
+                "disk full: {free} bytes free in {}, {needed} needed (twice the model plus ota.min_free)",
+                self.settings.dir.display()
             ));
         }
         let (mpath, part, bitmap) = self.session_paths(pipeline);
@@ -530,7 +532,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let mut keys = BTreeMap::new();
         keys.insert("fleet".to_string(), key().verifying_key());
-        let settings = Settings { dir: tmp.path().join("ota"), max_size: 1 << 20, keys };
+        let settings =
+            Settings { dir: tmp.path().join("ota"), max_size: 1 << 20, min_free: 0, keys };
         let target =
             Target { model_path: tmp.path().join("digits.onnx"), running_version: "1".into() };
         fs::write(&target.model_path, b"old").expect("old model");
@@ -660,6 +663,18 @@ mod tests {
             assert_eq!(fs::read(&r.target.model_path).expect("model"), b"old", "{what}");
             assert!(r.rx.pending().is_empty(), "{what}: nothing staged");
         }
+        // Not enough room left (min_free stands in for a full disk).
+        let mut r = rig();
+        r.settings.min_free = u64::MAX / 2;
+        r.rx = Receiver::open(r.settings.clone()).expect("open");
+        let (st, reason) = state(&r.rx.on_manifest(
+            "digits",
+            Some(&r.target),
+            &serde_json::to_vec(&good).expect("json"),
+        ));
+        assert_eq!(st, "rejected");
+        assert!(reason.unwrap_or_default().contains("disk full"));
+        assert!(r.rx.pending().is_empty(), "nothing staged");
         // Unknown pipeline and malformed JSON.
         let mut r = rig();
         let (st, reason) =

@@ -219,7 +219,15 @@ fn bad_candidates_are_refused_and_the_running_model_keeps_serving() {
     assert!(ev["reason"].as_str().unwrap_or("").contains("golden pair 000"), "{ev}");
     still_serving_v1("after a golden mismatch");
 
-    // 4. The same file again: nothing to do.
+    // 4. A model with an operator tract does not implement (Det): refused at load.
+    dir.install("unsupported_op", None);
+    dev.publish(&cmd, "", QoS::AtLeastOnce, false).expect("command");
+    let ev = next_swap(&events, &events_topic, &daemon);
+    assert_eq!(ev["result"], "rejected", "{ev}");
+    assert!(ev["reason"].as_str().unwrap_or("").contains("Det"), "{ev}");
+    still_serving_v1("after a missing operator");
+
+    // 5. The same file again: nothing to do.
     dir.install("digits", Some("digits"));
     dev.publish(&cmd, "", QoS::AtLeastOnce, false).expect("command");
     let ev = next_swap(&events, &events_topic, &daemon);
@@ -233,7 +241,7 @@ fn bad_candidates_are_refused_and_the_running_model_keeps_serving() {
     assert!(ev["reason"].as_str().unwrap_or("").contains("no pipeline named"), "{ev}");
 
     let h = wait_health(broker.port, device, Duration::from_secs(10), |v| {
-        v["pipelines"]["digits"]["swaps"]["rejected"] == 3
+        v["pipelines"]["digits"]["swaps"]["rejected"] == 4
     })
     .expect("health");
     let s = &h["pipelines"]["digits"]["swaps"];
@@ -314,7 +322,7 @@ fn a_latency_regression_rolls_back_within_probation_and_restores_the_file() {
     // The running model's record: its inference P99 is the baseline.
     send(40);
     obs.collect_until(Duration::from_secs(60), |m| m.len() >= 40).expect("v1 results");
-    // slow_v2: the same signature, twice the layers, its own golden pairs: it passes every
+    // slow_v2: the same signature, four times the layers, its own golden pairs: it passes every
     // check at load time and is swapped in; probation catches the latency.
     dir.install("slow_v2", Some("slow_v2"));
     dev.publish(&cmd, "", QoS::AtLeastOnce, false).expect("command");

@@ -529,7 +529,12 @@ fn open_ota(app: &App) -> Option<ota::Receiver> {
             Err(e) => log::error!("ota.trusted_keys.{id}: {e}; key ignored"),
         }
     }
-    let settings = ota::Settings { dir: state.join("ota"), max_size: cfg.ota.max_size, keys };
+    let settings = ota::Settings {
+        dir: state.join("ota"),
+        max_size: cfg.ota.max_size,
+        min_free: cfg.ota.min_free,
+        keys,
+    };
     match ota::Receiver::open(settings) {
         Ok(r) => {
             log::info!(

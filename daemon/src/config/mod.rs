@@ -234,6 +234,8 @@ pub struct OtaConfig {
     /// key_id -> base64 ed25519 public key.
     pub trusted_keys: BTreeMap<String, String>,
     pub max_size: u64,
+    /// Free space to keep on the state directory's file system.
+    pub min_free: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -628,6 +630,8 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/ota", 0);
         let max_size =
             s.as_mut().and_then(|s| s.size(p, "max_size", 1024, 1 << 34)).unwrap_or(512 << 20);
+        let min_free =
+            s.as_mut().and_then(|s| s.size(p, "min_free", 0, 1 << 40)).unwrap_or(64 << 20);
         let mut trusted_keys = BTreeMap::new();
         if let Some(s) = s.as_mut()
             && let Some(mut keys) = s.table(p, "trusted_keys")
@@ -659,7 +663,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         if let Some(s) = s {
             s.finish(p);
         }
-        OtaConfig { enabled, topic, trusted_keys, max_size }
+        OtaConfig { enabled, topic, trusted_keys, max_size, min_free }
     };
 
     let errors = {
