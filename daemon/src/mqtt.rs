@@ -33,6 +33,26 @@ pub enum MqttError {
     Tls(#[from] rustls::Error),
     #[error("no trusted CA certificates found in the system store; hint: set broker.tls.ca_file")]
     NoRoots,
+    #[error(
+        "{what} {path} is readable by group or others (mode {mode:04o}); refusing to use it; \
+         hint: chmod 600 {path} (owned by the service user)"
+    )]
+    LoosePermissions { what: &'static str, path: String, mode: u32 },
+}
+
+/// Refuses a secret (private key) file that group or others may read.
+fn check_private(what: &'static str, path: &std::path::Path) -> Result<(), MqttError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(|source| MqttError::File {
+        what,
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(MqttError::LoosePermissions { what, path: path.display().to_string(), mode });
+    }
+    Ok(())
 }
 
 pub fn qos(q: Qos) -> QoS {
@@ -132,6 +152,7 @@ fn tls_config(t: &crate::config::TlsConfig) -> Result<rustls::ClientConfig, Mqtt
     let cfg = match (&t.cert_file, &t.key_file) {
         (Some(cert), Some(key)) => {
             let chain = read_certs("client certificate", cert)?;
+            check_private("client key", key)?;
             let key_pem = read("client key", key)?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| MqttError::Pem {
                 what: "client key",

@@ -12,3 +12,4 @@ mod queueing;
 mod routing;
 mod swap;
 mod system;
+mod tls;

@@ -76,6 +76,8 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra configuration appended after the plain listener (e.g. a TLS listener).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -84,10 +86,21 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Result<Self> {
+        Self::start_with(port, "")
+    }
+
+    /// A broker with a plain listener on `port` (for the tests' own clients) and `extra`
+    /// configuration after it, such as another listener with TLS settings.
+    pub fn start_with(port: u16, extra: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let mut m = Mosquitto { port, dir, child: None };
+        let mut m = Mosquitto { port, dir, child: None, extra: extra.to_string() };
         m.spawn()?;
         Ok(m)
+    }
+
+    /// The broker's scratch directory (for certificates and such it should read).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -100,6 +113,7 @@ impl Mosquitto {
             // Otherwise mosquitto tries to drop to a `mosquitto` user that may not exist.
             text.push_str("user root\n");
         }
+        text.push_str(&self.extra);
         fs::write(&conf, text)?;
         let log = fs::File::create(self.dir.path().join("mosquitto.log"))?;
         let child = Command::new(find_mosquitto()?)
