@@ -53,6 +53,17 @@ impl Pki {
     fn path(&self, f: &str) -> String {
         self.dir.join(f).display().to_string()
     }
+
+    /// The daemon's `[broker.tls]` keys for mutual TLS with the client certificate, trusting
+    /// the CA in `ca` (a file name).
+    fn mtls(&self, ca: &str) -> String {
+        format!(
+            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
+            self.path(ca),
+            self.path("client.pem"),
+            self.path("client.key")
+        )
+    }
 }
 
 /// A broker with a plain listener for the tests' clients and a TLS listener (`server_cert`)
@@ -96,12 +107,7 @@ fn mutual_tls_serves_frames() {
     let pki = Pki::new(tmp.path());
     let (broker, tls_port) = broker(&pki, "server");
     let fx = Fixture::load("digits").expect("fixture");
-    let tls = format!(
-        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
-        pki.path("ca.pem"),
-        pki.path("client.pem"),
-        pki.path("client.key")
-    );
+    let tls = pki.mtls("ca.pem");
     let daemon = Daemon::start(&daemon_config("tls-ok", tls_port, &tls, &fx)).expect("daemon");
     wait_health(broker.port, "tls-ok", Duration::from_secs(30), |v| v["status"] == "online")
         .unwrap_or_else(|e| {
@@ -143,36 +149,12 @@ fn refused(device: &str, server_cert: &str, tls: impl Fn(&Pki) -> String, needle
 #[test]
 fn a_broker_certificate_from_another_ca_is_refused() {
     // The daemon trusts CA "other" only: the broker's certificate (from "ca") is unknown.
-    refused(
-        "tls-ca",
-        "server",
-        |pki| {
-            format!(
-                "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
-                pki.path("other.pem"),
-                pki.path("client.pem"),
-                pki.path("client.key")
-            )
-        },
-        "UnknownIssuer",
-    );
+    refused("tls-ca", "server", |pki| pki.mtls("other.pem"), "UnknownIssuer");
 }
 
 #[test]
 fn a_certificate_for_another_host_is_refused() {
-    refused(
-        "tls-name",
-        "wrongname",
-        |pki| {
-            format!(
-                "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
-                pki.path("ca.pem"),
-                pki.path("client.pem"),
-                pki.path("client.key")
-            )
-        },
-        "certificate not valid for name",
-    );
+    refused("tls-name", "wrongname", |pki| pki.mtls("ca.pem"), "certificate not valid for name");
 }
 
 #[test]
@@ -193,12 +175,7 @@ fn a_private_key_others_can_read_is_refused_with_a_hint() {
         .expect("chmod");
     let (_broker, tls_port) = broker(&pki, "server");
     let fx = Fixture::load("digits").expect("fixture");
-    let tls = format!(
-        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
-        pki.path("ca.pem"),
-        pki.path("client.pem"),
-        pki.path("client.key")
-    );
+    let tls = pki.mtls("ca.pem");
     let mut daemon =
         Daemon::start(&daemon_config("tls-perm", tls_port, &tls, &fx)).expect("daemon");
     let status = daemon.wait_exit(Duration::from_secs(20)).expect("exits");

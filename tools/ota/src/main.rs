@@ -203,6 +203,15 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
         )?;
         Ok(())
     };
+    // Offers the manifest; the device answers with a status saying what it has.
+    let offer = || {
+        client.publish(
+            format!("{base}/{}/manifest", m.pipeline),
+            QoS::AtLeastOnce,
+            false,
+            manifest.clone(),
+        )
+    };
     let deadline = Instant::now() + timeout;
     let mut streamed = false;
     // Set when the manifest is offered again after the stream: the next status answers it, and
@@ -226,12 +235,7 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
             Ok(Msg::Connected) => {
                 // (Re)subscribe and offer the manifest: the device answers with what it has.
                 client.subscribe(&status_topic, QoS::AtLeastOnce)?;
-                client.publish(
-                    format!("{base}/{}/manifest", m.pipeline),
-                    QoS::AtLeastOnce,
-                    false,
-                    manifest.clone(),
-                )?;
+                offer()?;
                 resend = streamed;
                 last_activity = Instant::now();
             }
@@ -294,12 +298,7 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Quiet for a while: ask again where the device stands.
                 if last_activity.elapsed() >= Duration::from_secs(5) {
-                    client.publish(
-                        format!("{base}/{}/manifest", m.pipeline),
-                        QoS::AtLeastOnce,
-                        false,
-                        manifest.clone(),
-                    )?;
+                    offer()?;
                     resend = streamed;
                     last_activity = Instant::now();
                 }
