@@ -80,14 +80,17 @@ pub fn options(b: &BrokerConfig, will: (String, Vec<u8>)) -> Result<MqttOptions,
     o.set_last_will(LastWill::new(will.0, will.1, QoS::AtLeastOnce, true));
     if let Some(user) = &b.username {
         let pass = match &b.password {
-            Some(p) => p.read().map_err(|source| MqttError::File {
-                what: "password file",
-                path: match p {
-                    crate::config::Secret::File(f) => f.display().to_string(),
-                    crate::config::Secret::Inline(_) => "(inline)".into(),
-                },
-                source,
-            })?,
+            Some(p) => {
+                // A password file others can read is as bad as a readable private key.
+                if let crate::config::Secret::File(f) = p {
+                    check_private("password file", f)?;
+                }
+                p.read().map_err(|source| MqttError::File {
+                    what: "password",
+                    path: p.path().map_or_else(|| "(inline)".into(), |f| f.display().to_string()),
+                    source,
+                })?
+            }
             None => String::new(),
         };
         o.set_credentials(user.clone(), pass);

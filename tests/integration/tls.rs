@@ -183,3 +183,89 @@ fn a_private_key_others_can_read_is_refused_with_a_hint() {
     let log = daemon.log();
     assert!(log.contains("readable by group or others") && log.contains("chmod 600"), "{log}");
 }
+
+/// A broker that checks passwords (`mosquitto_passwd` file with user `edge`), plus the daemon
+/// config reading the password from a systemd credential.
+fn password_broker(dir: &Path) -> Mosquitto {
+    let pw = dir.join("passwd");
+    let bin = ["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto_passwd (Debian package mosquitto)");
+    let out = std::process::Command::new(bin)
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["edge", "s3cret-pass"])
+        .output()
+        .expect("mosquitto_passwd");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Mosquitto::start_with(free_port(), &format!("password_file {}\n", pw.display()))
+        .expect("mosquitto")
+}
+
+fn credential_daemon(broker: &Mosquitto, device: &str, creds: &Path) -> Daemon {
+    let fx = Fixture::load("digits").expect("fixture");
+    let cfg = edgeinfer_tests::config(
+        broker.port,
+        device,
+        &fx.pipeline("digits", "c/+/in", "c/{1}/out", ""),
+    )
+    .replace(
+        "[broker]\n",
+        "[broker]\nusername = \"edge\"\npassword_credential = \"broker-password\"\n",
+    );
+    Daemon::start_with_env(&cfg, &[("CREDENTIALS_DIRECTORY", creds.display().to_string())])
+        .expect("daemon")
+}
+
+#[test]
+fn a_password_from_a_systemd_credential_authenticates_and_a_wrong_one_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let broker = password_broker(tmp.path());
+    let creds = tmp.path().join("creds");
+    std::fs::create_dir(&creds).expect("mkdir");
+    let secret = creds.join("broker-password");
+    std::fs::write(&secret, "s3cret-pass\n").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+    let daemon = credential_daemon(&broker, "cred-ok", &creds);
+    wait_health(broker.port, "cred-ok", Duration::from_secs(30), |v| v["status"] == "online")
+        .unwrap_or_else(|e| panic!("never online with the credential: {e}\n{}", daemon.log()));
+    assert!(!daemon.log().contains("s3cret-pass"), "the password never appears in the log");
+    drop(daemon);
+
+    // A wrong password: refused by the broker, retried, never online, never logged.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&secret, "wrong-pass\n").expect("write");
+    let mut daemon = credential_daemon(&broker, "cred-bad", &creds);
+    daemon.wait_log("cannot connect to broker", Duration::from_secs(20)).expect("refusal logged");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(daemon.is_running(), "keeps retrying");
+    assert!(!daemon.log().contains("wrong-pass"));
+    assert!(
+        wait_health(broker.port, "cred-bad", Duration::from_secs(2), |v| v["status"] == "online")
+            .is_err()
+    );
+}
+
+#[test]
+fn a_password_file_others_can_read_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let broker = password_broker(tmp.path());
+    let pw = tmp.path().join("broker-password");
+    std::fs::write(&pw, "s3cret-pass\n").expect("write");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let fx = Fixture::load("digits").expect("fixture");
+    let cfg = edgeinfer_tests::config(
+        broker.port,
+        "pw-perm",
+        &fx.pipeline("digits", "c/+/in", "c/{1}/out", ""),
+    )
+    .replace(
+        "[broker]\n",
+        &format!("[broker]\nusername = \"edge\"\npassword_file = {:?}\n", pw.display().to_string()),
+    );
+    let mut daemon = Daemon::start(&cfg).expect("daemon");
+    assert!(!daemon.wait_exit(Duration::from_secs(20)).expect("exits").success());
+    let log = daemon.log();
+    assert!(log.contains("password file") && log.contains("chmod 600"), "{log}");
+}

@@ -187,6 +187,8 @@ pub struct BrokerConfig {
 pub enum Secret {
     Inline(String),
     File(PathBuf),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/<name>` (the unit's LoadCredential=).
+    Credential(String),
 }
 
 impl fmt::Debug for Secret {
@@ -194,16 +196,40 @@ impl fmt::Debug for Secret {
         match self {
             Secret::Inline(_) => f.write_str("Secret::Inline(<redacted>)"),
             Secret::File(p) => write!(f, "Secret::File({})", p.display()),
+            Secret::Credential(n) => write!(f, "Secret::Credential({n})"),
         }
     }
 }
 
 impl Secret {
+    /// Where the secret is read from (`None`: inline, or a credential without
+    /// `$CREDENTIALS_DIRECTORY`).
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            Secret::Inline(_) => None,
+            Secret::File(p) => Some(p.clone()),
+            Secret::Credential(n) => {
+                std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(n))
+            }
+        }
+    }
+
     /// The secret value (a password file's first line, without trailing newline).
     pub fn read(&self) -> io::Result<String> {
         match self {
             Secret::Inline(s) => Ok(s.clone()),
             Secret::File(p) => {
+                let s = fs::read_to_string(p)?;
+                Ok(s.lines().next().unwrap_or_default().to_string())
+            }
+            Secret::Credential(_) => {
+                let p = self.path().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "$CREDENTIALS_DIRECTORY is not set; hint: give the unit \
+                         LoadCredential=<name>:<file> (or use password_file outside systemd)",
+                    )
+                })?;
                 let s = fs::read_to_string(p)?;
                 Ok(s.lines().next().unwrap_or_default().to_string())
             }
@@ -462,6 +488,7 @@ impl Config {
     /// `validate` (the unit's `ExecStartPre=`) instead of the start-up.
     pub fn check_files(&self) -> Vec<Problem> {
         let mut out = Vec::new();
+        let mut no_credentials: Option<String> = None;
         let mut check = |key: String, path: &Path| {
             if let Err(e) = fs::File::open(path).and_then(|f| {
                 if f.metadata()?.is_dir() {
@@ -485,8 +512,13 @@ impl Config {
                 check(format!("pipelines.{}.postprocess.labels", pl.name), l);
             }
         }
-        if let Some(Secret::File(f)) = &self.broker.password {
-            check("broker.password_file".into(), f);
+        match &self.broker.password {
+            Some(Secret::File(f)) => check("broker.password_file".into(), f),
+            Some(c @ Secret::Credential(n)) => match c.path() {
+                Some(f) => check("broker.password_credential".into(), &f),
+                None => no_credentials = Some(n.clone()),
+            },
+            _ => {}
         }
         if let Some(tls) = &self.broker.tls {
             for (k, f) in [
@@ -498,6 +530,15 @@ impl Config {
                     check(format!("broker.tls.{k}"), f);
                 }
             }
+        }
+        if let Some(n) = no_credentials {
+            out.push(Problem {
+                key: "broker.password_credential".into(),
+                value: Some(format!("{n:?}")),
+                message: "$CREDENTIALS_DIRECTORY is not set; hint: the unit's \
+                          LoadCredential=<name>:<file> provides it"
+                    .into(),
+            });
         }
         out
     }
@@ -1004,10 +1045,26 @@ fn broker(root: &mut Section<'_>, p: &mut Problems, device_id: &str, base: &Path
     out.username = s.string(p, "username").map(str::to_string);
     let inline = s.string(p, "password").map(|x| Secret::Inline(x.to_string()));
     let file = s.string(p, "password_file").map(|f| Secret::File(resolve(base, f)));
-    if inline.is_some() && file.is_some() {
-        p.push(s.key("password"), None, "give either password or password_file, not both");
+    let credential = s.string(p, "password_credential").and_then(|n| {
+        if n.is_empty() || n.contains('/') || n == "." || n == ".." {
+            p.push(
+                s.key("password_credential"),
+                Some(&Value::String(n.into())),
+                "a systemd credential name (LoadCredential=<name>:...), without '/'",
+            );
+            None
+        } else {
+            Some(Secret::Credential(n.to_string()))
+        }
+    });
+    if [inline.is_some(), file.is_some(), credential.is_some()].iter().filter(|x| **x).count() > 1 {
+        p.push(
+            s.key("password"),
+            None,
+            "give one of password, password_file and password_credential",
+        );
     }
-    out.password = file.or(inline);
+    out.password = credential.or(file).or(inline);
     if out.password.is_some() && out.username.is_none() {
         p.push(s.key("username"), None, "a password needs a username");
     }

@@ -123,7 +123,11 @@ fn syntax_errors_name_the_location() {
 fn credentials_are_consistent_and_never_printed() {
     let msgs =
         problems(&format!("[broker]\npassword = \"hunter2\"\npassword_file = \"/x\"\n{MINIMAL}"));
-    assert!(msgs.iter().any(|m| m.contains("either password or password_file")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("give one of password, password_file and password_credential")),
+        "{msgs:?}"
+    );
     assert!(msgs.iter().any(|m| m.contains("needs a username")), "{msgs:?}");
     let cfg = parse(&format!("[broker]\nusername = \"u\"\npassword = \"hunter2\"\n{MINIMAL}"))
         .expect("ok");
@@ -247,4 +251,20 @@ fn default_config_documents_exactly_the_known_keys() {
         undocumented.is_empty(),
         "keys the code reads but config/edgeinfer.toml does not document: {undocumented:?}"
     );
+}
+
+#[test]
+fn broker_password_from_a_systemd_credential() {
+    let base = "[pipelines.p]\nmodel = \"m.onnx\"\ninput = \"a/+\"\n[broker]\nusername = \"u\"\n";
+    let cfg = parse(&format!("{base}password_credential = \"broker-password\"\n")).expect("config");
+    assert!(matches!(&cfg.broker.password, Some(Secret::Credential(n)) if n == "broker-password"));
+    // Debug never shows a secret's value; a credential shows its name only.
+    assert_eq!(format!("{:?}", Secret::Inline("hunter2".into())), "Secret::Inline(<redacted>)");
+    for (extra, needle) in [
+        ("password_credential = \"../etc/shadow\"\n", "without '/'"),
+        ("password_credential = \"x\"\npassword = \"y\"\n", "give one of"),
+    ] {
+        let e = parse(&format!("{base}{extra}")).expect_err(extra);
+        assert!(e.problems().iter().any(|p| p.message.contains(needle)), "{extra}: {e}");
+    }
 }
