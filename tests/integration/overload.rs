@@ -53,7 +53,10 @@ fn overload(adaptive: bool) -> Outcome {
         .iter()
         .map(|&(name, rate)| {
             let c = MqttClient::connect(broker.port, &format!("{device}-{name}")).expect("device");
+            // One frame, renumbered per publish (distinct seqs: the same seq and payload twice
+            // would be a QoS 1 redelivery, dropped as a duplicate).
             let frame = fx.json_frame(0, 0);
+            assert!(frame.contains("\"seq\":0"), "{frame}");
             std::thread::spawn(move || {
                 let period = Duration::from_secs_f64(1.0 / rate as f64);
                 let mut n = 0u64;
@@ -62,7 +65,8 @@ fn overload(adaptive: bool) -> Outcome {
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
-                    c.publish(&format!("s/{name}"), frame.clone(), QoS::AtMostOnce, false)
+                    let numbered = frame.replacen("\"seq\":0", &format!("\"seq\":{n}"), 1);
+                    c.publish(&format!("s/{name}"), numbered, QoS::AtMostOnce, false)
                         .expect("publish");
                     n += 1;
                 }

@@ -405,6 +405,8 @@ pub struct PipelineConfig {
     pub deadline: Option<Duration>,
     pub slo: SloConfig,
     pub overload: OverloadConfig,
+    /// Drop QoS 1 redeliveries (same device, seq and payload) as `duplicate`.
+    pub dedup: bool,
     /// Reload the model when its file changes (inotify on its directory).
     pub watch_model: bool,
     /// Relative tolerance of a swap candidate's outputs against its golden pairs.
@@ -1223,6 +1225,7 @@ fn pipeline(
         }
     };
     let watch_model = s.bool(p, "watch_model").unwrap_or(true);
+    let dedup = s.bool(p, "dedup").unwrap_or(true);
     let golden_tolerance = s.float(p, "golden_tolerance", 0.0, 1.0).unwrap_or(1e-4);
     let require_golden = s.bool(p, "require_golden").unwrap_or(false);
     let probation = s
@@ -1286,6 +1289,7 @@ fn pipeline(
     };
     s.finish(p);
     Some(PipelineConfig {
+        dedup,
         watch_model,
         golden_tolerance,
         require_golden,

@@ -7,6 +7,7 @@
 //! drive a pipeline without a broker.
 
 pub mod decode;
+pub mod dedup;
 pub mod output;
 pub mod overload;
 pub mod queue;
@@ -128,6 +129,8 @@ pub struct Pipeline {
     max_clock_skew: Duration,
     /// Per-device admission (used when `overload.adaptive`).
     pub shedder: Shedder,
+    /// QoS 1 redeliveries seen recently, per device.
+    dedup: dedup::Dedup,
     /// The overload controller's state; ticked by `app`.
     pub controller: Mutex<Controller>,
     /// SLO evaluation; ticked by `app` (`None`: no objectives configured).
@@ -164,6 +167,7 @@ impl Pipeline {
             queue: FrameQueue::new(cfg.queue.capacity, cfg.queue.policy),
             slo: Mutex::new(SloTracker::new(&cfg.slo)),
             shedder: Shedder::default(),
+            dedup: dedup::Dedup::default(),
             controller: Mutex::new(Controller::default()),
             expected_service_ns: AtomicU64::new(0),
             batch_limit: AtomicUsize::new(1),
@@ -336,6 +340,7 @@ impl Pipeline {
             self.stats.drop_frame(DropReason::Shed);
             return None;
         }
+        let fp = self.cfg.dedup.then(|| dedup::fingerprint(&payload));
         let decoded = match self.decoder.decode(payload) {
             Ok(d) => d,
             Err(r) => {
@@ -343,6 +348,12 @@ impl Pipeline {
                 return None;
             }
         };
+        if let (Some(fp), Some(seq)) = (fp, decoded.seq)
+            && self.dedup.is_duplicate(&topic, seq, fp)
+        {
+            self.stats.drop_frame(DropReason::Duplicate);
+            return None;
+        }
         let frame = Frame {
             id: self.next_frame.fetch_add(1, Ordering::Relaxed),
             topic,

@@ -75,16 +75,19 @@ pub enum DropReason {
     DeadlineMissed,
     /// Not admitted by the overload controller's per-device sampling.
     Shed,
+    /// A QoS 1 redelivery of a frame already taken (same device, seq and payload).
+    Duplicate,
     /// Still queued when the shutdown grace period ran out.
     Shutdown,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::QueueFull,
         DropReason::Expired,
         DropReason::DeadlineMissed,
         DropReason::Shed,
+        DropReason::Duplicate,
         DropReason::Shutdown,
     ];
 
@@ -94,6 +97,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::DeadlineMissed => "deadline_missed",
             DropReason::Shed => "shed",
+            DropReason::Duplicate => "duplicate",
             DropReason::Shutdown => "shutdown",
         }
     }
@@ -229,7 +233,8 @@ impl PipelineStats {
     pub fn slo_counts(&self) -> slo::Counts {
         let dropped: u64 = DropReason::ALL
             .iter()
-            .filter(|r| **r != DropReason::Shutdown)
+            // A duplicate was served once already; frames dropped at shutdown are redelivered.
+            .filter(|r| !matches!(r, DropReason::Shutdown | DropReason::Duplicate))
             .map(|r| self.dropped(*r))
             .sum();
         slo::Counts {
