@@ -290,7 +290,7 @@ impl Model {
         let t0 = Instant::now();
         let bytes =
             std::fs::read(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = crate::sys::fsutil::hex(&Sha256::digest(&bytes));
         // Fast start: a cached decluttered graph skips parsing, type inference and decluttering.
         let cache_key = opts
             .cache_dir
@@ -620,15 +620,6 @@ fn resolve_shape(
             _ => Err(unresolved()),
         })
         .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// Per-worker inference state: tract's state plus one reusable buffer per input.

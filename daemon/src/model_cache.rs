@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
 use crate::model::{DType, Dim, Parsed, TensorSpec};
+use crate::sys::fsutil;
 
 /// Bumped when the entry layout changes.
 const FORMAT: u32 = 1;
@@ -116,7 +117,7 @@ fn key_with(
     h.update(format!(
         "{input_shapes:?}|half={half}|tract={tract}|edgeinfer={edgeinfer}|format={FORMAT}"
     ));
-    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    fsutil::hex(&h.finalize()[..16])
 }
 
 fn nnef() -> tract_nnef::framework::Nnef {
@@ -146,36 +147,22 @@ pub fn load(dir: &Path, key: &str) -> Result<Option<(TypedModel, Meta)>, String>
 pub fn store(dir: &Path, key: &str, model: &TypedModel, meta: &Meta) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let (tar, json) = paths(dir, key);
-    let write = |path: &Path, f: &dyn Fn(&mut std::fs::File) -> Result<(), String>| {
-        let tmp = path.with_extension("tmp");
-        let res = (|| {
-            let mut out =
-                std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            f(&mut out)?;
-            out.sync_all().map_err(|e| format!("{}: {e}", tmp.display()))?;
-            std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res
-    };
     // Model properties (the ONNX doc string, metadata) are not needed to run it, and tract
     // 0.23.9's NNEF reader fails on the properties fragment its writer produces for our
     // fixtures' doc strings ("Reading proto model: at line 5"): leave them out.
     let mut bare = model.clone();
     bare.properties.clear();
     // The graph first, the metadata last: an entry without its metadata is not one.
-    write(&tar, &|out| {
-        nnef().write_to_tar(&bare, &mut *out).map(|_| ()).map_err(|e| format!("{e:#}"))
-    })?;
-    write(&json, &|out| {
-        let text = serde_json::to_vec_pretty(meta).map_err(|e| e.to_string())?;
-        out.write_all(&text).map_err(|e| e.to_string())
-    })?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    fsutil::write_atomic(&tar, |out| {
+        nnef()
+            .write_to_tar(&bare, &mut *out)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    })
+    .map_err(|e| format!("{}: {e}", tar.display()))?;
+    let text = serde_json::to_vec_pretty(meta).map_err(|e| e.to_string())?;
+    fsutil::write_atomic(&json, |out| out.write_all(&text))
+        .map_err(|e| format!("{}: {e}", json.display()))?;
     Ok(())
 }
 

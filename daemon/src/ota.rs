@@ -22,14 +22,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use crate::sys::fsutil;
 
 /// Status message `missing` lists at most this many chunk numbers.
 const MAX_MISSING_LISTED: usize = 256;
@@ -103,8 +104,33 @@ pub enum Outcome {
     Status(Status),
     /// The file is verified and in place: publish the status and start a swap of the pipeline.
     Install(Status),
+    /// Every chunk is in: publish the status, then run the verification (hashing the whole
+    /// file) off the serving task; it yields `Install` or a rejected `Status`.
+    Verify(Box<Verify>),
     /// Nothing to say (e.g. a duplicate chunk).
     Quiet,
+}
+
+/// A complete staged file waiting for its hash check and placement.
+#[derive(Debug, PartialEq)]
+pub struct Verify {
+    pub status: Status,
+    part: PathBuf,
+    manifest: Manifest,
+    target: Option<Target>,
+}
+
+impl Verify {
+    /// Hashes, fsyncs and places the file (blocking: seconds for a large model). The staged
+    /// file is gone afterwards either way.
+    pub fn run(self) -> Outcome {
+        let result = verify_and_place(&self.part, &self.manifest, self.target.as_ref());
+        let _ = fs::remove_file(&self.part);
+        match result {
+            Ok(()) => Outcome::Install(self.status),
+            Err(reason) => rejected(Some(&self.manifest), &self.manifest.pipeline, reason),
+        }
+    }
 }
 
 /// Configuration the receiver needs.
@@ -161,7 +187,7 @@ impl Session {
 }
 
 /// Per pipeline: where its model file lives and which version runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub model_path: PathBuf,
     pub running_version: String,
@@ -340,7 +366,9 @@ impl Receiver {
         let n = m.chunks() as usize;
         fs::write(&bitmap, vec![0u8; n])
             .map_err(|e| format!("cannot write {}: {e}", bitmap.display()))?;
-        write_atomic(&mpath, &serde_json::to_vec(m).map_err(|e| e.to_string())?)?;
+        let json = serde_json::to_vec(m).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(&mpath, |f| f.write_all(&json))
+            .map_err(|e| format!("cannot write {}: {e}", mpath.display()))?;
         self.sessions.insert(
             pipeline.to_string(),
             Session { manifest: m.clone(), part, have: vec![false; n] },
@@ -430,14 +458,14 @@ impl Receiver {
                 Outcome::Quiet
             };
         }
-        let part = s.part.clone();
-        let result = verify_and_place(&part, &m, target);
         let status = s.status("installing", None);
-        self.discard(pipeline);
-        match result {
-            Ok(()) => Outcome::Install(status),
-            Err(reason) => rejected(Some(&m), pipeline, reason),
-        }
+        // The session ends here; the staged file now belongs to the verification.
+        let part = s.part.clone();
+        self.sessions.remove(pipeline);
+        let (mpath, _, bitmap) = self.session_paths(pipeline);
+        let _ = fs::remove_file(mpath);
+        let _ = fs::remove_file(bitmap);
+        Outcome::Verify(Box::new(Verify { status, part, manifest: m, target: target.cloned() }))
     }
 }
 
@@ -445,61 +473,32 @@ impl Receiver {
 /// systems when the state directory is on another one).
 fn verify_and_place(part: &Path, m: &Manifest, target: Option<&Target>) -> Result<(), String> {
     let target = target.ok_or("the pipeline is gone")?;
-    let mut f = File::open(part).map_err(|e| format!("cannot read the staged file: {e}"))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let k = f.read(&mut buf).map_err(|e| format!("cannot read the staged file: {e}"))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-    }
-    let sha: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let staged = |e: std::io::Error| format!("cannot read the staged file: {e}");
+    let mut f = File::open(part).map_err(staged)?;
+    let sha = fsutil::sha256_hex(&mut f).map_err(staged)?;
     if sha != m.sha256 {
         return Err(format!(
             "sha256 mismatch: the chunks assemble to {sha}, the manifest says {}",
             m.sha256
         ));
     }
-    File::open(part)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| format!("cannot sync the staged file: {e}"))?;
+    f.sync_all().map_err(|e| format!("cannot sync the staged file: {e}"))?;
     let dest = &target.model_path;
-    match fs::rename(part, dest) {
-        Ok(()) => {}
+    let placed = match fs::rename(part, dest) {
+        Ok(()) => dest.parent().map_or(Ok(()), |d| File::open(d).and_then(|d| d.sync_all())),
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-            let bytes = fs::read(part).map_err(|e| format!("cannot read the staged file: {e}"))?;
-            write_atomic(dest, &bytes)?;
+            fsutil::write_atomic(dest, |out| std::io::copy(&mut File::open(part)?, out).map(|_| ()))
         }
-        Err(e) => return Err(format!("cannot install {}: {e}", dest.display())),
-    }
-    if let Some(dir) = dest.parent() {
-        let _ = File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
-}
-
-/// temp file + fsync + rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        format!("cannot write {}: {e}", path.display())
-    })
+        Err(e) => Err(e),
+    };
+    placed.map_err(|e| format!("cannot install {}: {e}", dest.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use ed25519_dalek::{Signer, SigningKey};
+    use sha2::Digest;
 
     fn key() -> SigningKey {
         SigningKey::from_bytes(&[7u8; 32])
@@ -510,7 +509,7 @@ mod tests {
             pipeline: "digits".into(),
             version: version.into(),
             size: bytes.len() as u64,
-            sha256: Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect(),
+            sha256: fsutil::hex(&sha2::Sha256::digest(bytes)),
             chunk_size: 1024,
             key_id: "fleet".into(),
             force: false,
@@ -554,7 +553,11 @@ mod tests {
             .map(|n| {
                 let s = (n * m.chunk_size) as usize;
                 let e = (s + m.chunk_size as usize).min(bytes.len());
-                r.rx.on_chunk("digits", Some(&r.target), &n.to_string(), &bytes[s..e])
+                // The serving loop runs a verification off its task; here, inline.
+                match r.rx.on_chunk("digits", Some(&r.target), &n.to_string(), &bytes[s..e]) {
+                    Outcome::Verify(v) => v.run(),
+                    o => o,
+                }
             })
             .collect()
     }
@@ -562,6 +565,7 @@ mod tests {
     fn state(o: &Outcome) -> (&'static str, Option<String>) {
         match o {
             Outcome::Status(s) | Outcome::Install(s) => (s.state, s.reason.clone()),
+            Outcome::Verify(v) => (v.status.state, None),
             Outcome::Quiet => ("quiet", None),
         }
     }

@@ -129,6 +129,25 @@ class Publisher:
         self.c.loop_stop()
 
 
+def start_service(py, port, logdir, name, model, fmt="raw", filt="bench/+/in/+", extra=()):
+    """The baseline service on fixture `model`, results on bench/{1}/out/{2}."""
+    return ServiceProc(
+        py,
+        port,
+        logdir,
+        name,
+        "--model",
+        str(MODELS / model / "model.onnx"),
+        "--input-filter",
+        filt,
+        "--output",
+        "bench/{1}/out/{2}",
+        "--format",
+        fmt,
+        *extra,
+    )
+
+
 class ServiceProc:
     def __init__(self, python: str, port: int, logdir: Path, name: str, *args: str):
         self.stderr = open(logdir / f"service-{name}.log", "w")
@@ -204,22 +223,7 @@ class Checker:
 def test_raw_sensor(ck, py, port, logdir):
     print("[1] sensor_cnn raw, 2 workers")
     res, pub = Results(port), Publisher(port)
-    svc = ServiceProc(
-        py,
-        port,
-        logdir,
-        "raw",
-        "--model",
-        str(MODELS / "sensor_cnn/model.onnx"),
-        "--input-filter",
-        "bench/+/in/+",
-        "--output",
-        "bench/{1}/out/{2}",
-        "--format",
-        "raw",
-        "--workers",
-        "2",
-    )
+    svc = start_service(py, port, logdir, "raw", "sensor_cnn", extra=["--workers", "2"])
     ck.check(svc.wait_ready(), f"ready printed ({svc.ready_s:.2f}s after start)")
     smp = samples("sensor_cnn", "accel", "logits")
     pub.send_all([("bench/d0/in/bad", b"\x00" * 1535)] + [(f"bench/d0/in/{i}", x) for i, (x, _) in enumerate(smp)])
@@ -256,22 +260,7 @@ def test_raw_sensor(ck, py, port, logdir):
 def test_json_sensor(ck, py, port, logdir):
     print("[2] sensor_cnn json")
     res, pub = Results(port), Publisher(port)
-    svc = ServiceProc(
-        py,
-        port,
-        logdir,
-        "json",
-        "--model",
-        str(MODELS / "sensor_cnn/model.onnx"),
-        "--input-filter",
-        "bench/+/in/#",
-        "--output",
-        "bench/{1}/out/{2}",
-        "--format",
-        "json",
-        "--log-level",
-        "debug",
-    )
+    svc = start_service(py, port, logdir, "json", "sensor_cnn", fmt="json", filt="bench/+/in/#", extra=["--log-level", "debug"])
     ck.check(svc.wait_ready(), "ready printed")
     smp = samples("sensor_cnn", "accel", "logits")
     good = []
@@ -318,20 +307,7 @@ def test_json_sensor(ck, py, port, logdir):
 def test_mobilenet(ck, py, port, logdir):
     print("[3] mobilenet raw")
     res, pub = Results(port), Publisher(port)
-    svc = ServiceProc(
-        py,
-        port,
-        logdir,
-        "mobilenet",
-        "--model",
-        str(MODELS / "mobilenet/model.onnx"),
-        "--input-filter",
-        "bench/+/in/+",
-        "--output",
-        "bench/{1}/out/{2}",
-        "--format",
-        "raw",
-    )
+    svc = start_service(py, port, logdir, "mobilenet", "mobilenet")
     ck.check(svc.wait_ready(), f"ready printed ({svc.ready_s:.2f}s after start)")
     smp = samples("mobilenet", "image", "logits")
     pub.send_all([(f"bench/cam/in/{i}", x) for i, (x, _) in enumerate(smp)])
@@ -354,22 +330,7 @@ def test_mobilenet(ck, py, port, logdir):
 def test_drop_oldest(ck, py, port, logdir):
     print("[4] drop-oldest (slow model, queue capacity 4, burst of 100)")
     res, pub = Results(port), Publisher(port)
-    svc = ServiceProc(
-        py,
-        port,
-        logdir,
-        "drop",
-        "--model",
-        str(MODELS / "slow/model.onnx"),
-        "--input-filter",
-        "bench/+/in/+",
-        "--output",
-        "bench/{1}/out/{2}",
-        "--format",
-        "raw",
-        "--queue-capacity",
-        "4",
-    )
+    svc = start_service(py, port, logdir, "drop", "slow", extra=["--queue-capacity", "4"])
     ck.check(svc.wait_ready(), "ready printed")
     x = (MODELS / "slow/samples/000/input.x.bin").read_bytes()
     pub.send_all([(f"bench/d2/in/{i}", x) for i in range(100)])
@@ -392,22 +353,7 @@ def test_drop_oldest(ck, py, port, logdir):
 def test_sigterm_drain(ck, py, port, logdir):
     print("[5] SIGTERM drain (slow model, 300 frames queued)")
     res, pub = Results(port), Publisher(port)
-    svc = ServiceProc(
-        py,
-        port,
-        logdir,
-        "drain",
-        "--model",
-        str(MODELS / "slow/model.onnx"),
-        "--input-filter",
-        "bench/+/in/+",
-        "--output",
-        "bench/{1}/out/{2}",
-        "--format",
-        "raw",
-        "--queue-capacity",
-        "1000",
-    )
+    svc = start_service(py, port, logdir, "drain", "slow", extra=["--queue-capacity", "1000"])
     ck.check(svc.wait_ready(), "ready printed")
     x = (MODELS / "slow/samples/000/input.x.bin").read_bytes()
     pub.send_all([(f"bench/d3/in/{i}", x) for i in range(300)])

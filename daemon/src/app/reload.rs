@@ -12,12 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 use super::App;
 use crate::pipeline::output::unix_us;
 use crate::pipeline::swap::{self, Probation, ProbationLimits, SwapReport, SwapResult};
 use crate::pipeline::{ModelSet, Pipeline};
+use crate::sys::fsutil;
 
 /// Formats an error with its source chain on one line.
 fn chain(e: &dyn std::error::Error) -> String {
@@ -33,20 +32,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// Opens the model file and hashes it through the handle (which the set keeps for a rollback).
 fn open_and_hash(path: &Path) -> Result<(std::fs::File, String), String> {
-    use std::io::{Read, Seek};
-    let mut f =
-        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    f.rewind().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok((f, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+    use std::io::Seek;
+    let err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut f = std::fs::File::open(path).map_err(err)?;
+    let sha = fsutil::sha256_hex(&mut f).map_err(err)?;
+    f.rewind().map_err(err)?;
+    Ok((f, sha))
 }
 
 /// Loads, checks and installs the model file of pipeline `idx`. Blocking: seconds for a large

@@ -192,6 +192,8 @@ pub(super) async fn serve(
     let ota_base = cfg.ota.enabled.then(|| cfg.ota.topic.render(&cfg.device_id, ""));
     let mut ota = ota_base.as_ref().and_then(|_| open_ota(app));
     let mut ota_installing: Vec<Option<ota::Status>> = vec![None; app.pipelines.len()];
+    let (verified_tx, mut verified_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(String, ota::Outcome)>();
     let events_topic = cfg.commands.events_topic.render(&cfg.device_id, "");
 
     let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
@@ -216,6 +218,12 @@ pub(super) async fn serve(
                 }
                 if app.pipelines.is_empty() {
                     let _ = notifier.ready(&status::status_line(app, link.connected));
+                }
+            }
+            Some((pipeline, outcome)) = verified_rx.recv() => {
+                if let Some(base) = ota_base.as_deref() {
+                    let ctx = OtaCtx { app, publisher: &*publisher, base, reloader: &reloader, done: &done_tx, verified: &verified_tx };
+                    ota_outcome(&ctx, &pipeline, outcome, &mut ota_installing);
                 }
             }
             Some(idx) = file_rx.recv() => {
@@ -276,50 +284,17 @@ pub(super) async fn serve(
 
             ev = el.poll(), if link.retry_at.is_none() => match ev {
                 Ok(Event::Incoming(Packet::Publish(p))) if ota_base.as_deref().is_some_and(|b| p.topic.strip_prefix(b).is_some_and(|r| r.starts_with('/'))) => {
-                    if p.qos != QoS::AtMostOnce {
-                        let mut a = Publish::new(String::new(), p.qos, Vec::new());
-                        a.pkid = p.pkid;
+                    if let Some(a) = ack_for(&p) {
                         let _ = client.try_ack(&a);
                     }
-                    let base = ota_base.as_deref().unwrap_or_default();
-                    if let (Some(rx), true) = (ota.as_mut(), matches!(phase, Phase::Running)) {
-                        let rest = &p.topic[base.len() + 1..];
-                        let mut parts = rest.splitn(3, '/');
-                        let (pipeline, kind, n) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
-                        let idx = app.pipelines.iter().position(|x| x.name() == pipeline);
-                        let target = idx.map(|i| {
-                            let x = &app.pipelines[i];
-                            ota::Target { model_path: x.cfg.model.clone(), running_version: x.models().model.version.clone() }
-                        });
-                        let outcome = match (kind, n) {
-                            ("manifest", None) => rx.on_manifest(pipeline, target.as_ref(), &p.payload),
-                            ("chunk", Some(n)) => rx.on_chunk(pipeline, target.as_ref(), n, &p.payload),
-                            _ => ota::Outcome::Quiet,
-                        };
-                        match outcome {
-                            ota::Outcome::Quiet => {}
-                            ota::Outcome::Status(st) => {
-                                if st.state == "rejected" {
-                                    log::warn!(pipeline = pipeline; "OTA rejected: {}", st.reason.as_deref().unwrap_or("?"));
-                                }
-                                publish_ota(&*publisher, base, &st);
-                            }
-                            ota::Outcome::Install(st) => {
-                                log::info!(pipeline = pipeline; "OTA: version {} received and verified ({} chunks); swapping it in", st.version, st.chunks);
-                                publish_ota(&*publisher, base, &st);
-                                if let Some(i) = idx {
-                                    ota_installing[i] = Some(st);
-                                    reloader.start(app, i, "ota", done_tx.clone());
-                                }
-                            }
-                        }
+                    if let (Some(rx), Some(base), true) = (ota.as_mut(), ota_base.as_deref(), matches!(phase, Phase::Running)) {
+                        let ctx = OtaCtx { app, publisher: &*publisher, base, reloader: &reloader, done: &done_tx, verified: &verified_tx };
+                        handle_ota(&ctx, rx, &p.topic, &p.payload, &mut ota_installing);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if reload_topic.as_deref() == Some(p.topic.as_str()) => {
                     // A command, not a frame: acknowledge and act (only while running).
-                    if p.qos != QoS::AtMostOnce {
-                        let mut a = Publish::new(String::new(), p.qos, Vec::new());
-                        a.pkid = p.pkid;
+                    if let Some(a) = ack_for(&p) {
                         let _ = client.try_ack(&a);
                     }
                     if matches!(phase, Phase::Running) {
@@ -342,13 +317,8 @@ pub(super) async fn serve(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if matches!(phase, Phase::Running) {
-                        // Only qos and pkid matter for the acknowledgement; the topic and payload
-                        // move on to the pipelines.
-                        let ack = (p.qos != QoS::AtMostOnce).then(|| {
-                            let mut a = Publish::new(String::new(), p.qos, Vec::new());
-                            a.pkid = p.pkid;
-                            a
-                        });
+                        // The topic and payload move on to the pipelines.
+                        let ack = ack_for(&p);
                         route(app, p.topic, p.payload, &*publisher).await;
                         if let Some(ack) = ack && client.try_ack(&ack).is_err() {
                             // The broker redelivers an unacknowledged QoS 1 frame on reconnect.
@@ -509,6 +479,102 @@ pub(super) async fn serve(
     }
     log::info!("stopped: {}", status::summary_line(app));
     Ok(())
+}
+
+/// The acknowledgement of a QoS 1/2 publish: only its qos and packet id matter, so the topic and
+/// payload are not copied (they move on to whoever handles the message).
+fn ack_for(p: &Publish) -> Option<Publish> {
+    (p.qos != QoS::AtMostOnce).then(|| {
+        let mut a = Publish::new(String::new(), p.qos, Vec::new());
+        a.pkid = p.pkid;
+        a
+    })
+}
+
+/// What handling an OTA message needs from the serving loop.
+struct OtaCtx<'a> {
+    app: &'a Arc<App>,
+    publisher: &'a dyn Publisher,
+    base: &'a str,
+    reloader: &'a reload::Reloader,
+    done: &'a tokio::sync::mpsc::UnboundedSender<reload::SwapReportFor>,
+    /// Where verification threads report (pipeline, outcome).
+    verified: &'a tokio::sync::mpsc::UnboundedSender<(String, ota::Outcome)>,
+}
+
+/// Feeds a message on `<base>/<pipeline>/{manifest,chunk/<n>}` to the receiver, publishes the
+/// status, and starts the swap of a verified delivery (its status is completed when the swap
+/// reports, see `installing`).
+fn handle_ota(
+    ctx: &OtaCtx<'_>,
+    rx: &mut ota::Receiver,
+    topic: &str,
+    payload: &[u8],
+    installing: &mut [Option<ota::Status>],
+) {
+    let rest = topic.get(ctx.base.len() + 1..).unwrap_or_default();
+    let mut parts = rest.splitn(3, '/');
+    let (pipeline, kind, n) =
+        (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
+    let idx = ctx.app.pipelines.iter().position(|x| x.name() == pipeline);
+    let target = idx.map(|i| {
+        let x = &ctx.app.pipelines[i];
+        ota::Target {
+            model_path: x.cfg.model.clone(),
+            running_version: x.models().model.version.clone(),
+        }
+    });
+    let outcome = match (kind, n) {
+        ("manifest", None) => rx.on_manifest(pipeline, target.as_ref(), payload),
+        ("chunk", Some(n)) => rx.on_chunk(pipeline, target.as_ref(), n, payload),
+        _ => ota::Outcome::Quiet,
+    };
+    ota_outcome(ctx, pipeline, outcome, installing);
+}
+
+/// Publishes what an OTA message or verification led to; starts the verification of a complete
+/// file on a thread of its own (hashing a large model would stall the serving loop) and the
+/// swap of a verified one.
+fn ota_outcome(
+    ctx: &OtaCtx<'_>,
+    pipeline: &str,
+    outcome: ota::Outcome,
+    installing: &mut [Option<ota::Status>],
+) {
+    match outcome {
+        ota::Outcome::Quiet => {}
+        ota::Outcome::Status(st) => {
+            if st.state == "rejected" {
+                log::warn!(pipeline = pipeline; "OTA rejected: {}", st.reason.as_deref().unwrap_or("?"));
+            }
+            publish_ota(ctx.publisher, ctx.base, &st);
+        }
+        ota::Outcome::Verify(v) => {
+            publish_ota(ctx.publisher, ctx.base, &v.status);
+            let (tx, name) = (ctx.verified.clone(), pipeline.to_string());
+            let spawned =
+                std::thread::Builder::new().name("ei-ota-verify".into()).spawn(move || {
+                    let _ = tx.send((name, v.run()));
+                });
+            if let Err(e) = spawned {
+                log::error!(pipeline = pipeline; "cannot start the OTA verification: {e}");
+            }
+        }
+        ota::Outcome::Install(st) => {
+            log::info!(
+                pipeline = pipeline;
+                "OTA: version {} received and verified ({} chunks); swapping it in",
+                st.version,
+                st.chunks
+            );
+            publish_ota(ctx.publisher, ctx.base, &st);
+            let idx = ctx.app.pipelines.iter().position(|x| x.name() == pipeline);
+            if let (Some(i), Some(slot)) = (idx, idx.and_then(|i| installing.get_mut(i))) {
+                *slot = Some(st);
+                ctx.reloader.start(ctx.app, i, "ota", ctx.done.clone());
+            }
+        }
+    }
 }
 
 /// Opens the OTA receiver in `<state_dir>/ota` with the trusted keys; logs why not.

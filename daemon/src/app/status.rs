@@ -104,13 +104,12 @@ pub fn online(app: &App) -> Vec<u8> {
                     "policy": p.queue.policy().as_str(),
                 },
                 "counters": s.counters_json(),
-                "latency_us": {
-                    "queue_wait": LatencySummary::of(&s.queue_wait.snapshot()),
-                    "inference": LatencySummary::of(&s.inference.snapshot()),
-                    "service": LatencySummary::of(&s.service.snapshot()),
-                    "total": LatencySummary::of(&s.total.snapshot()),
-                    "end_to_end": LatencySummary::of(&s.end_to_end.snapshot()),
-                },
+                "latency_us": Value::Object(
+                    s.histograms()
+                        .into_iter()
+                        .map(|(k, h)| (k.to_string(), json!(LatencySummary::of(&h.snapshot()))))
+                        .collect()
+                ),
                 "slo": slo_json(p),
                 "overload": overload_json(p),
                 "batching": batching_json(p),
@@ -208,13 +207,12 @@ pub fn metrics(app: &App) -> Vec<u8> {
             o.insert("in_flight".into(), json!(p.queue.in_flight()));
             o.insert(
                 "histograms".into(),
-                json!({
-                    "queue_wait": histogram_json(&s.queue_wait.snapshot()),
-                    "inference": histogram_json(&s.inference.snapshot()),
-                    "service": histogram_json(&s.service.snapshot()),
-                    "total": histogram_json(&s.total.snapshot()),
-                    "end_to_end": histogram_json(&s.end_to_end.snapshot()),
-                }),
+                Value::Object(
+                    s.histograms()
+                        .into_iter()
+                        .map(|(k, h)| (k.to_string(), histogram_json(&h.snapshot())))
+                        .collect(),
+                ),
             );
             o.insert("slo".into(), slo_json(p));
             o.insert("overload".into(), overload_json(p));
@@ -390,32 +388,27 @@ pub fn prometheus(app: &App) -> String {
         }
     }
 
-    type Hist = fn(&Pipeline) -> crate::telemetry::Snapshot;
-    let hists: [(&str, &str, Hist); 5] = [
-        ("edgeinfer_queue_wait_seconds", "Arrival to a worker picking the frame up.", |p| {
-            p.stats.queue_wait.snapshot()
-        }),
-        ("edgeinfer_inference_seconds", "Model run time.", |p| p.stats.inference.snapshot()),
+    // The histograms in `PipelineStats::histograms` order.
+    let hists: [(&str, &str); 5] = [
+        ("edgeinfer_queue_wait_seconds", "Arrival to a worker picking the frame up."),
+        ("edgeinfer_inference_seconds", "Model run time."),
         (
             "edgeinfer_service_seconds",
             "Worker time per frame: input copy, inference, result, hand-off.",
-            |p| p.stats.service.snapshot(),
         ),
         (
             "edgeinfer_latency_seconds",
             "Arrival to result handed to the MQTT client (what slo.latency measures).",
-            |p| p.stats.total.snapshot(),
         ),
         (
             "edgeinfer_end_to_end_seconds",
             "Device timestamp to result handed to the MQTT client (frames with a trusted ts).",
-            |p| p.stats.end_to_end.snapshot(),
         ),
     ];
-    for (name, help, f) in hists {
+    for (i, (name, help)) in hists.into_iter().enumerate() {
         e.family(name, Kind::Histogram, help);
         for p in ps {
-            e.histogram(name, &[("pipeline", p.name())], &f(p));
+            e.histogram(name, &[("pipeline", p.name())], &p.stats.histograms()[i].1.snapshot());
         }
     }
 
@@ -477,31 +470,26 @@ pub fn prometheus(app: &App) -> String {
             );
         }
     }
-    e.family("edgeinfer_slo_compliance_ratio", Kind::Gauge, "Good events / events per window.");
-    for (name, r) in &reports {
-        for (k, o) in objectives(r) {
-            for (w, rep) in [("long", o.long), ("short", o.short)] {
-                e.sample(
-                    "edgeinfer_slo_compliance_ratio",
-                    &[("pipeline", name), ("objective", k), ("window", w)],
-                    rep.compliance,
-                );
-            }
-        }
-    }
-    e.family(
-        "edgeinfer_slo_burn_rate",
-        Kind::Gauge,
-        "Bad fraction / error budget per window (1 spends the budget exactly).",
-    );
-    for (name, r) in &reports {
-        for (k, o) in objectives(r) {
-            for (w, rep) in [("long", o.long), ("short", o.short)] {
-                e.sample(
-                    "edgeinfer_slo_burn_rate",
-                    &[("pipeline", name), ("objective", k), ("window", w)],
-                    rep.burn_rate,
-                );
+    type PerWindow = fn(&crate::telemetry::slo::WindowReport) -> f64;
+    let per_window: [(&str, &str, PerWindow); 2] = [
+        ("edgeinfer_slo_compliance_ratio", "Good events / events per window.", |w| w.compliance),
+        (
+            "edgeinfer_slo_burn_rate",
+            "Bad fraction / error budget per window (1 spends the budget exactly).",
+            |w| w.burn_rate,
+        ),
+    ];
+    for (family, help, value) in per_window {
+        e.family(family, Kind::Gauge, help);
+        for (name, r) in &reports {
+            for (k, o) in objectives(r) {
+                for (w, rep) in [("long", &o.long), ("short", &o.short)] {
+                    e.sample(
+                        family,
+                        &[("pipeline", name), ("objective", k), ("window", w)],
+                        value(rep),
+                    );
+                }
             }
         }
     }

@@ -204,44 +204,35 @@ pub fn probation_verdict(
 /// the rejected file aside to `<path>.rejected`. Refuses when the handle no longer holds the
 /// previous model (the file was modified in place rather than replaced).
 pub fn restore_file(path: &Path, previous: &ModelSet) -> Result<PathBuf, String> {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Seek, Write};
+    use std::io::Seek;
     let mut f = previous
         .file
         .as_ref()
         .ok_or("the previous model's file handle was not kept")?
         .try_clone()
         .map_err(|e| format!("cannot reuse the previous model's file handle: {e}"))?;
-    f.rewind().map_err(|e| format!("cannot read the previous model back: {e}"))?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).map_err(|e| format!("cannot read the previous model back: {e}"))?;
-    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    if sha != previous.model.sha256 {
+    let read_back = |e: std::io::Error| format!("cannot read the previous model back: {e}");
+    f.rewind().map_err(read_back)?;
+    if crate::sys::fsutil::sha256_hex(&mut f).map_err(read_back)? != previous.model.sha256 {
         return Err("the previous model file was modified in place; it cannot be restored".into());
     }
+    f.rewind().map_err(read_back)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let rejected = path.with_file_name(format!("{name}.rejected"));
-    let tmp = path.with_file_name(format!(".{name}.restore"));
-    let write = || -> std::io::Result<()> {
-        let mut out = std::fs::File::create(&tmp)?;
-        out.write_all(&bytes)?;
-        out.sync_all()?;
-        // The rejected candidate is kept for inspection; a missing file is fine.
-        match std::fs::rename(path, &rejected) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+    let mut restore = || -> std::io::Result<()> {
+        // The rejected candidate is kept for inspection (a second name for its inode), then
+        // the previous content replaces the model path atomically: the path never goes missing.
+        match std::fs::remove_file(&rejected) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+        match std::fs::hard_link(path, &rejected) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        Ok(())
+        crate::sys::fsutil::write_atomic(path, |out| std::io::copy(&mut f, out).map(|_| ()))
     };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot restore {}: {e}", path.display())
-    })?;
+    restore().map_err(|e| format!("cannot restore {}: {e}", path.display()))?;
     Ok(rejected)
 }
 

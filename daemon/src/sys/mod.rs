@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod cpus;
+pub mod fsutil;
 pub mod notify;
 pub mod privs;
 pub mod procfs;

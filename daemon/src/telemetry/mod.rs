@@ -214,6 +214,17 @@ impl PipelineStats {
         }
     }
 
+    /// The latency histograms by name, in the order every report lists them.
+    pub fn histograms(&self) -> [(&'static str, &Histogram); 5] {
+        [
+            ("queue_wait", &self.queue_wait),
+            ("inference", &self.inference),
+            ("service", &self.service),
+            ("total", &self.total),
+            ("end_to_end", &self.end_to_end),
+        ]
+    }
+
     /// Counts a batched run of `size` frames that took `run`.
     pub fn record_batch(&self, size: usize, run: Duration) {
         if let (Some(c), Some(t)) = (self.batches.runs.get(size), self.batches.ns.get(size)) {

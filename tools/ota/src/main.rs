@@ -255,15 +255,22 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
                         println!("rejected: {}", v["reason"].as_str().unwrap_or("?"));
                         return Ok(1);
                     }
-                    "receiving" if !streamed => {
-                        streamed = true;
-                        if v["received"].as_u64().unwrap_or(0) > 0 {
-                            // A resumed transfer: only what the device still needs (the list
-                            // holds at most 256; the next quiet period asks for the rest).
+                    "receiving" if !streamed || resend => {
+                        // The first answer starts the stream: everything for a new transfer, only
+                        // what the device still needs for a resumed one. Later answers to a
+                        // re-offered manifest (after a reconnect or a quiet period) resend what
+                        // a broker or device restart lost. `missing` lists at most 256; the next
+                        // quiet period asks for the rest.
+                        let resume = streamed || v["received"].as_u64().unwrap_or(0) > 0;
+                        if !streamed && resume {
                             eprintln!(
                                 "resuming: the device has {} of {} chunks",
                                 v["received"], v["chunks"]
                             );
+                        }
+                        streamed = true;
+                        resend = false;
+                        if resume {
                             for n in v["missing"]
                                 .as_array()
                                 .into_iter()
@@ -276,20 +283,6 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
                             for n in 0..m.chunks() {
                                 send_chunk(n)?;
                             }
-                        }
-                    }
-                    "receiving" if resend => {
-                        // The answer to a re-offered manifest: send again what is still missing
-                        // (a broker restart or a device restart lost those). The list holds at
-                        // most 256; the next quiet period asks again for the rest.
-                        resend = false;
-                        for n in v["missing"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(serde_json::Value::as_u64)
-                        {
-                            send_chunk(n)?;
                         }
                     }
                     _ => {}
