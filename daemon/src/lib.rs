@@ -10,6 +10,7 @@
 //!   cache of decluttered graphs.
 //! - [`telemetry`]: counters, histograms, accounting reasons.
 //! - [`config`]: the TOML file and its validation; [`topic`]: filters and templates.
+//! - [`spool`]: results kept on disk while the broker is unreachable.
 //! - [`logging`]: the process logger. `demo` (feature): in-process broker and sensors.
 
 pub mod app;
@@ -25,6 +26,7 @@ pub mod model_cache;
 pub mod mqtt;
 pub mod ota;
 pub mod pipeline;
+pub mod spool;
 pub mod sys;
 pub mod telemetry;
 pub mod topic;

@@ -22,6 +22,7 @@ use crate::config::{Config, PostProcess, Problem};
 use crate::model::{LoadOptions, Model, ModelError};
 use crate::mqtt::{self, MqttError, MqttPublisher};
 use crate::pipeline::{Pipeline, Publisher, WorkerHandle};
+use crate::spool::SpoolingPublisher;
 use crate::sys::cgroup::{self, CgroupError};
 use crate::sys::notify::Notifier;
 use crate::sys::privs::PrivError;
@@ -111,6 +112,9 @@ pub struct TransportStats {
     pub oversized_packets: AtomicU64,
     /// Messages that matched no pipeline's filter.
     pub unrouted: AtomicU64,
+    /// Messages the MQTT client still held when the broker came back without our session
+    /// (restarted without persistence, or the session expired), sent again as new messages.
+    pub republished: AtomicU64,
 }
 
 /// Everything that runs: the validated config, the pipelines with their loaded models, and what
@@ -120,9 +124,37 @@ pub struct App {
     pub pipelines: Vec<Arc<Pipeline>>,
     pub transport: TransportStats,
     pub system: SystemState,
+    /// The result spool, once opened (`[spool]`, needs a state directory).
+    pub spool: std::sync::OnceLock<Arc<crate::spool::Spool>>,
     placements: Vec<Vec<Placement>>,
     started: Instant,
     started_us: u64,
+}
+
+/// Opens `<state_dir>/spool` when the spool is enabled; `None` (with a warning) without a state
+/// directory or when it cannot be created.
+fn open_spool(config: &Config) -> Option<Arc<crate::spool::Spool>> {
+    if !config.spool.enabled {
+        return None;
+    }
+    let Some(dir) = config.system.state_dir() else {
+        log::warn!(
+            "no state directory (system.state_dir or $STATE_DIRECTORY): results produced while the \
+             broker is unreachable wait in memory only and are lost on restart"
+        );
+        return None;
+    };
+    let dir = dir.join("spool");
+    match crate::spool::Spool::open(&dir, config.spool.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::error!(
+                "cannot open the result spool {} ({e}); results wait in memory only",
+                dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// Runs the daemon until a signal (or `stop`) ends it. Blocks the calling thread.
@@ -341,6 +373,7 @@ pub fn start(mut config: Config) -> Result<App, AppError> {
         pipelines,
         transport: TransportStats::default(),
         system: sys,
+        spool: std::sync::OnceLock::new(),
         placements,
         started,
         started_us: crate::pipeline::output::unix_us(SystemTime::now()),
@@ -418,8 +451,24 @@ impl App {
         // Results are small and latency is the product: without TCP_NODELAY, Nagle's algorithm
         // and the broker's delayed ACKs hold a result back for up to ~40 ms.
         eventloop.network_options.set_tcp_nodelay(true);
-        let publisher: Arc<dyn Publisher> =
+        let direct: Arc<dyn Publisher> =
             Arc::new(MqttPublisher::new(client.clone(), Duration::from_secs(5)));
+        // Results produced while the broker is unreachable go to the on-disk spool.
+        let mut spool_thread = None;
+        let publisher: Arc<dyn Publisher> = match open_spool(&app.config) {
+            Some(spool) => match spool.start(Arc::clone(&direct)) {
+                Ok(t) => {
+                    spool_thread = Some(t);
+                    let _ = app.spool.set(Arc::clone(&spool));
+                    Arc::new(SpoolingPublisher::new(direct, spool))
+                }
+                Err(e) => {
+                    log::error!("cannot start the spool thread ({e}); results wait in memory only");
+                    direct
+                }
+            },
+            None => direct,
+        };
 
         // 10. Inference workers: each pins itself, sets its scheduling class, joins the
         //    inference cgroup leaf and builds its own session.
@@ -445,6 +494,10 @@ impl App {
         let result = rt
             .block_on(serve::serve(&app, client, eventloop, &workers, publisher, stop, &notifier));
         let _ = metrics_stop.send(true);
+        if let (Some(spool), Some(t)) = (app.spool.get(), spool_thread) {
+            spool.stop();
+            let _ = t.join();
+        }
         // Workers exit once their queue is closed and empty (serve waits for that); after an
         // expired grace period or a second signal one may still be mid-inference, and the
         // process exits without it.

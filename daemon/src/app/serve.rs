@@ -4,14 +4,15 @@
 //! (polled until written, since rumqttc never reports the request stream as done) -> return.
 //! A second signal returns at once.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, StateError,
-    SubscribeFilter,
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request,
+    StateError, SubscribeFilter,
 };
 use smallvec::SmallVec;
 use tokio::signal::unix::{SignalKind, signal};
@@ -202,6 +203,9 @@ pub(super) async fn serve(
     let mut phase = Phase::Running;
     let mut stops = 0u32;
     let mut deferred = 0u64;
+    // What the MQTT client still held (unacknowledged or unsent) when the connection failed;
+    // given back to it at the next CONNACK (see `resume`).
+    let mut held: VecDeque<Request> = VecDeque::new();
 
     loop {
         let mut stop_requested = false;
@@ -341,6 +345,10 @@ pub(super) async fn serve(
                     }
                     link.connected = true;
                     link.ever_connected = true;
+                    resume(app, &mut el, &mut held, ack.session_present);
+                    if let Some(spool) = app.spool.get() {
+                        spool.set_connected(true);
+                    }
                     link.failures = 0;
                     link.backoff = min;
                     // A resumed session still has our subscriptions, and subscribing again makes the
@@ -380,6 +388,10 @@ pub(super) async fn serve(
                         break;
                     }
                     link.on_error(app, &e, min, max, &target);
+                    if let Some(spool) = app.spool.get() {
+                        spool.set_connected(false);
+                    }
+                    held.extend(el.pending.drain(..));
                     // Ready means "serving as well as the network allows": a broker that is down
                     // must not hold the unit in `activating` until systemd gives up.
                     if !ready_sent {
@@ -431,6 +443,7 @@ pub(super) async fn serve(
                             }
                             if !link.connected {
                                 log::warn!("broker unreachable at shutdown: offline status not published (the Last Will covers it)");
+                                preserve_held(app, &mut el, &mut held);
                                 break;
                             }
                             // The offline status and DISCONNECT go through the same FIFO request
@@ -479,6 +492,74 @@ pub(super) async fn serve(
     }
     log::info!("stopped: {}", status::summary_line(app));
     Ok(())
+}
+
+/// At CONNACK: gives the client back what it held when the connection failed. A resumed session
+/// gets it as it was (rumqttc retransmits with the same packet ids, so the broker can recognise
+/// QoS 2 repeats). A new session (broker restarted without persistence, session expired) would
+/// make rumqttc drop it all; instead its QoS 1/2 publishes are sent again as new messages.
+fn resume(app: &App, el: &mut EventLoop, held: &mut VecDeque<Request>, session_present: bool) {
+    if held.is_empty() {
+        return;
+    }
+    if session_present {
+        held.append(&mut el.pending);
+        std::mem::swap(&mut el.pending, held);
+        return;
+    }
+    let mut n = 0u64;
+    for r in held.drain(..) {
+        if let Request::Publish(mut p) = r
+            && p.qos != QoS::AtMostOnce
+        {
+            p.pkid = 0;
+            p.dup = false;
+            el.pending.push_back(Request::Publish(p));
+            n += 1;
+        }
+    }
+    if n > 0 {
+        app.transport.republished.fetch_add(n, Ordering::Relaxed);
+        log::warn!(
+            "broker has no session for us (restarted without persistence?): sending {n} unacknowledged message(s) again"
+        );
+    }
+}
+
+/// Shutdown with the broker unreachable: results the MQTT client still holds go to the spool,
+/// ahead of what it already has, instead of dying with the process.
+fn preserve_held(app: &App, el: &mut EventLoop, held: &mut VecDeque<Request>) {
+    let Some(spool) = app.spool.get() else {
+        return;
+    };
+    // Requests still in the client's channel join its pending list.
+    el.clean();
+    held.append(&mut el.pending);
+    let records: Vec<crate::spool::Record> = held
+        .drain(..)
+        .filter_map(|r| match r {
+            Request::Publish(p) if p.qos != QoS::AtMostOnce && !p.retain => {
+                Some(crate::spool::Record {
+                    topic: p.topic,
+                    payload: p.payload.to_vec(),
+                    qos: match p.qos {
+                        QoS::ExactlyOnce => Qos::ExactlyOnce,
+                        _ => Qos::AtLeastOnce,
+                    },
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let n = records.len();
+    if n > 0 {
+        match spool.preserve(records) {
+            Ok(()) => log::info!("{n} unsent result(s) written to the spool for the next start"),
+            Err(e) => {
+                log::error!("cannot write {n} unsent result(s) to the spool: {e}; they are lost")
+            }
+        }
+    }
 }
 
 /// The acknowledgement of a QoS 1/2 publish: only its qos and packet id matter, so the topic and

@@ -178,6 +178,20 @@ fn transport(app: &App) -> Value {
         "connection_errors": t.connection_errors.load(Ordering::Relaxed),
         "oversized_packets": t.oversized_packets.load(Ordering::Relaxed),
         "unrouted": t.unrouted.load(Ordering::Relaxed),
+        "republished": t.republished.load(Ordering::Relaxed),
+        "spool": app.spool.get().map(|s| {
+            let st = &s.stats;
+            json!({
+                "active": s.is_spooling(),
+                "records": st.records.load(Ordering::Relaxed),
+                "bytes": st.bytes.load(Ordering::Relaxed),
+                "spooled": st.spooled.load(Ordering::Relaxed),
+                "flushed": st.flushed.load(Ordering::Relaxed),
+                "evicted": st.evicted.load(Ordering::Relaxed),
+                "recovered": st.recovered.load(Ordering::Relaxed),
+                "errors": st.errors.load(Ordering::Relaxed),
+            })
+        }),
     })
 }
 
@@ -666,9 +680,62 @@ pub fn prometheus(app: &App) -> String {
             "Messages that matched no pipeline.",
             load(&t.unrouted),
         ),
+        (
+            "edgeinfer_mqtt_republished_total",
+            "Unacknowledged messages sent again because the broker had lost our session.",
+            load(&t.republished),
+        ),
     ] {
         e.family(name, Kind::Counter, help);
         e.sample(name, &[], v);
+    }
+
+    // Result spool.
+    if let Some(s) = app.spool.get() {
+        let st = &s.stats;
+        for (name, kind, help, v) in [
+            (
+                "edgeinfer_spool_records",
+                Kind::Gauge,
+                "Results held in the spool.",
+                load(&st.records),
+            ),
+            ("edgeinfer_spool_bytes", Kind::Gauge, "Bytes held in the spool.", load(&st.bytes)),
+            (
+                "edgeinfer_spool_active",
+                Kind::Gauge,
+                "1 while results go to the spool (broker unreachable or flush pending).",
+                u64::from(s.is_spooling()) as f64,
+            ),
+            (
+                "edgeinfer_spool_spooled_total",
+                Kind::Counter,
+                "Results written to the spool.",
+                load(&st.spooled),
+            ),
+            (
+                "edgeinfer_spool_flushed_total",
+                Kind::Counter,
+                "Spooled results handed to the MQTT client.",
+                load(&st.flushed),
+            ),
+            (
+                "edgeinfer_spool_evicted_total",
+                Kind::Counter,
+                "Spooled results deleted unpublished (over spool.max_size, or unreadable).",
+                load(&st.evicted),
+            ),
+            (
+                "edgeinfer_spool_recovered_total",
+                Kind::Counter,
+                "Spooled results found at start-up.",
+                load(&st.recovered),
+            ),
+            ("edgeinfer_spool_errors_total", Kind::Counter, "Spool I/O errors.", load(&st.errors)),
+        ] {
+            e.family(name, kind, help);
+            e.sample(name, &[], v);
+        }
     }
     e.into_string()
 }

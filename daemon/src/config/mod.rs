@@ -82,6 +82,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub commands: CommandsConfig,
     pub ota: OtaConfig,
+    /// Results kept on disk while the broker is unreachable (`spool`).
+    pub spool: crate::spool::SpoolConfig,
     pub errors: ErrorsConfig,
     pub shutdown: ShutdownConfig,
     pub system: SystemConfig,
@@ -102,7 +104,7 @@ pub struct SystemConfig {
     pub inference_cpus: Option<Vec<usize>>,
     pub worker_sched: WorkerSchedConfig,
     pub cgroup: CgroupConfig,
-    /// Persistent state (model cache); `None`: systemd's `$STATE_DIRECTORY` when set.
+    /// Persistent state (spool, OTA staging, model cache); `None`: systemd's `$STATE_DIRECTORY` when set.
     pub state_dir: Option<PathBuf>,
     /// Cache decluttered models in `<state_dir>/cache` for fast start.
     pub model_cache: bool,
@@ -570,12 +572,30 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
+/// QoS 0 or 1. QoS 2 is refused: the MQTT client (rumqttc 0.25) hands out a packet id again
+/// while an earlier QoS 2 publish with that id still awaits PUBCOMP, and the broker discards the
+/// new message as a repeat (measured: 1068 of 2000 results lost in a burst, no fault injected).
 fn qos(s: &mut Section<'_>, p: &mut Problems, key: &'static str, default: Qos) -> Qos {
-    match s.int(p, key, 0, 2) {
+    let raw = s.get(key).cloned();
+    match raw.as_ref().and_then(Value::as_integer) {
+        Some(2) => {
+            p.push(
+                s.key(key),
+                raw.as_ref(),
+                "QoS 2 is not supported (the MQTT client can reuse a packet id still in a QoS 2 \
+                 handshake and the broker then drops the message); use 1: a result repeated after \
+                 a reconnect is byte-identical, so consumers drop repeats by (topic, seq)",
+            );
+            default
+        }
         Some(0) => Qos::AtMostOnce,
         Some(1) => Qos::AtLeastOnce,
-        Some(2) => Qos::ExactlyOnce,
-        _ => default,
+        _ => {
+            if raw.is_some() {
+                p.push(s.key(key), raw.as_ref(), "expected 0 or 1");
+            }
+            default
+        }
     }
 }
 
@@ -709,6 +729,24 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         OtaConfig { enabled, topic, trusted_keys, max_size, min_free }
     };
 
+    let spool = {
+        let mut s = root.table(p, "spool");
+        let d = crate::spool::SpoolConfig::default();
+        let enabled = s.as_mut().and_then(|s| s.bool(p, "enabled")).unwrap_or(d.enabled);
+        let max_size =
+            s.as_mut().and_then(|s| s.size(p, "max_size", 64 << 10, 1 << 40)).unwrap_or(d.max_size);
+        let commit_interval = s
+            .as_mut()
+            .and_then(|s| {
+                s.duration(p, "commit_interval", Duration::from_millis(10), Duration::from_secs(60))
+            })
+            .unwrap_or(d.commit_interval);
+        if let Some(s) = s {
+            s.finish(p);
+        }
+        crate::spool::SpoolConfig { enabled, max_size, commit_interval }
+    };
+
     let errors = {
         let mut s = root.table(p, "errors");
         let topic = template(s.as_mut(), p, "topic", "edgeinfer/{device}/errors/{pipeline}", 0);
@@ -779,6 +817,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         metrics,
         commands,
         ota,
+        spool,
         errors,
         shutdown,
         system,

@@ -268,3 +268,23 @@ fn broker_password_from_a_systemd_credential() {
         assert!(e.problems().iter().any(|p| p.message.contains(needle)), "{extra}: {e}");
     }
 }
+
+#[test]
+fn qos_2_is_refused_with_the_reason_and_spool_keys_parse() {
+    let p = problems(&format!("{MINIMAL}qos = 2\n"));
+    assert!(
+        p.iter().any(|m| m.contains("pipelines.p.qos") && m.contains("QoS 2 is not supported")),
+        "{p:?}"
+    );
+    let p = problems(&format!("{MINIMAL}qos = 7\n"));
+    assert!(p.iter().any(|m| m.contains("expected 0 or 1")), "{p:?}");
+    let cfg = parse(&format!(
+        "[spool]\nenabled = false\nmax_size = \"1MiB\"\ncommit_interval = \"50ms\"\n{MINIMAL}"
+    ))
+    .expect("spool config");
+    assert!(!cfg.spool.enabled);
+    assert_eq!(cfg.spool.max_size, 1 << 20);
+    assert_eq!(cfg.spool.commit_interval, Duration::from_millis(50));
+    let p = problems(&format!("[spool]\nmax_size = \"1KiB\"\n{MINIMAL}"));
+    assert!(p.iter().any(|m| m.contains("spool.max_size")), "{p:?}");
+}
