@@ -78,7 +78,7 @@ impl Manifest {
 
     /// Expected length of chunk `n`.
     pub fn chunk_len(&self, n: u64) -> u64 {
-        let start = n * self.chunk_size;
+        let start = n.saturating_mul(self.chunk_size);
         self.chunk_size.min(self.size.saturating_sub(start))
     }
 }

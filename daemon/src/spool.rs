@@ -599,6 +599,12 @@ fn read_header(path: &Path) -> io::Result<(u64, u64)> {
 /// Every record of a segment, each checked against its CRC; returns them and the file size.
 fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
     let data = fs::read(path)?;
+    Ok((decode_segment(&data)?, data.len() as u64))
+}
+
+/// Parses a segment file's bytes; any damage is an error, never a panic (fuzzed:
+/// tools/fuzz, target `spool_segment`).
+pub fn decode_segment(data: &[u8]) -> io::Result<Vec<Record>> {
     if data.len() < HEADER || &data[..8] != MAGIC {
         return Err(bad("not a spool segment (bad magic)"));
     }
@@ -635,7 +641,7 @@ fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
     if at != data.len() {
         return Err(bad("trailing bytes after the last record"));
     }
-    Ok((out, data.len() as u64))
+    Ok(out)
 }
 
 /// CRC-32 (IEEE 802.3, the zlib/PNG one).

@@ -51,6 +51,10 @@ struct Common {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     broker: String,
+    /// Persistent sessions (clean_session = false): with a persistent broker, devices and the
+    /// result subscriber ride out broker restarts (tools/soak.sh).
+    #[arg(long)]
+    persistent: bool,
     /// Fixture directory (tests/fixtures/models/<case>): model inputs come from its samples.
     #[arg(long)]
     fixture: PathBuf,
@@ -161,13 +165,13 @@ fn payloads(fixture: &Path, format: Format) -> Result<Vec<Bytes>> {
     Ok(out)
 }
 
-fn connect(broker: &str, id: &str) -> Result<(AsyncClient, rumqttc::EventLoop)> {
+fn connect(broker: &str, id: &str, clean: bool) -> Result<(AsyncClient, rumqttc::EventLoop)> {
     let (host, port) = broker.rsplit_once(':').context("--broker HOST:PORT")?;
     let mut o = MqttOptions::new(id, host, port.parse::<u16>()?);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(64 << 20, 64 << 20);
     o.set_inflight(1000);
-    o.set_clean_session(true);
+    o.set_clean_session(clean);
     let (c, mut el) = AsyncClient::new(o, 10_000);
     el.network_options.set_tcp_nodelay(true);
     Ok((c, el))
@@ -259,7 +263,11 @@ async fn run(a: RunArgs) -> Result<()> {
 
     // The result subscriber.
     let (sub, mut sub_el) =
-        connect(&a.common.broker, &format!("loadgen-sub-{}", std::process::id()))?;
+        connect(
+            &a.common.broker,
+            &format!("loadgen-sub-{}", std::process::id()),
+            !a.common.persistent,
+        )?;
     sub.subscribe(format!("{prefix}/+/out/+"), QoS::AtLeastOnce).await?;
     let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel::<()>();
     let st = Arc::clone(&state);
@@ -324,7 +332,11 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut devices = Vec::new();
     for d in 0..a.devices {
         let (client, mut el) =
-            connect(&a.common.broker, &format!("loadgen-d{d}-{}", std::process::id()))?;
+            connect(
+                &a.common.broker,
+                &format!("loadgen-d{d}-{}", std::process::id()),
+                !a.common.persistent,
+            )?;
         tokio::spawn(async move {
             loop {
                 if el.poll().await.is_err() {
@@ -550,10 +562,10 @@ async fn coldstart(a: ColdArgs) -> Result<()> {
     let mut times_ms = Vec::new();
     for rep in 0..a.repeat {
         let (sub, mut sub_el) =
-            connect(&a.common.broker, &format!("cold-sub-{}-{rep}", std::process::id()))?;
+            connect(&a.common.broker, &format!("cold-sub-{}-{rep}", std::process::id()), true)?;
         sub.subscribe(format!("{prefix}/+/out/+"), QoS::AtMostOnce).await?;
         let (pubc, mut pub_el) =
-            connect(&a.common.broker, &format!("cold-pub-{}-{rep}", std::process::id()))?;
+            connect(&a.common.broker, &format!("cold-pub-{}-{rep}", std::process::id()), true)?;
         let driver = tokio::spawn(async move {
             loop {
                 if pub_el.poll().await.is_err() {
