@@ -262,12 +262,11 @@ async fn run(a: RunArgs) -> Result<()> {
     });
 
     // The result subscriber.
-    let (sub, mut sub_el) =
-        connect(
-            &a.common.broker,
-            &format!("loadgen-sub-{}", std::process::id()),
-            !a.common.persistent,
-        )?;
+    let (sub, mut sub_el) = connect(
+        &a.common.broker,
+        &format!("loadgen-sub-{}", std::process::id()),
+        !a.common.persistent,
+    )?;
     sub.subscribe(format!("{prefix}/+/out/+"), QoS::AtLeastOnce).await?;
     let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel::<()>();
     let st = Arc::clone(&state);
@@ -331,12 +330,11 @@ async fn run(a: RunArgs) -> Result<()> {
     // Devices.
     let mut devices = Vec::new();
     for d in 0..a.devices {
-        let (client, mut el) =
-            connect(
-                &a.common.broker,
-                &format!("loadgen-d{d}-{}", std::process::id()),
-                !a.common.persistent,
-            )?;
+        let (client, mut el) = connect(
+            &a.common.broker,
+            &format!("loadgen-d{d}-{}", std::process::id()),
+            !a.common.persistent,
+        )?;
         tokio::spawn(async move {
             loop {
                 if el.poll().await.is_err() {
