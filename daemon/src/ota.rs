@@ -363,8 +363,11 @@ impl Receiver {
         let f =
             File::create(&part).map_err(|e| format!("cannot create {}: {e}", part.display()))?;
         f.set_len(m.size).map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+        f.sync_all().map_err(|e| format!("cannot sync {}: {e}", part.display()))?;
         let n = m.chunks() as usize;
-        fs::write(&bitmap, vec![0u8; n])
+        // Durable before the manifest names them: a crash never pairs a new manifest with the
+        // previous transfer's chunk map.
+        fsutil::write_atomic(&bitmap, |f| f.write_all(&vec![0u8; n]))
             .map_err(|e| format!("cannot write {}: {e}", bitmap.display()))?;
         let json = serde_json::to_vec(m).map_err(|e| e.to_string())?;
         fsutil::write_atomic(&mpath, |f| f.write_all(&json))
@@ -439,6 +442,9 @@ impl Receiver {
         let write = || -> std::io::Result<()> {
             let f = OpenOptions::new().write(true).open(&s.part)?;
             f.write_all_at(payload, n * m.chunk_size)?;
+            // The chunk is on disk before the map says so: after a power cut a marked chunk is
+            // never a hole (an unmarked one is simply asked for again).
+            f.sync_data()?;
             let b = OpenOptions::new().write(true).open(&bitmap)?;
             b.write_all_at(&[1], n)?;
             Ok(())

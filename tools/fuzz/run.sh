@@ -28,7 +28,7 @@ export CARGO_TARGET_DIR="$work/target"
 mkdir -p "$work"
 echo "== building ${targets[*]}"
 for t in "${targets[@]}"; do
-  cargo +nightly fuzz build --release "$t" >/dev/null
+  cargo +nightly fuzz build --fuzz-dir "$PWD" --release "$t" >/dev/null
 done
 failed=()
 for t in "${targets[@]}"; do
@@ -38,7 +38,7 @@ for t in "${targets[@]}"; do
   [[ -d "seeds/$t" ]] && cp -n seeds/"$t"/* "$corpus"/ 2>/dev/null || true
   echo "== $t: ${secs}s"
   log="$work/$t.log"
-  if cargo +nightly fuzz run --release "$t" "$corpus" -- \
+  if cargo +nightly fuzz run --fuzz-dir "$PWD" --release "$t" "$corpus" -- \
       -max_total_time="$secs" -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=10 \
       -artifact_prefix="$artifacts" -print_final_stats=1 >"$log" 2>&1; then
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
