@@ -10,6 +10,7 @@
 //!   cache of decluttered graphs.
 //! - [`telemetry`]: counters, histograms, accounting reasons.
 //! - [`config`]: the TOML file and its validation; [`topic`]: filters and templates.
+//! - [`health_check`]: `edgeinfer health --wait`, the A/B update commit gate.
 //! - [`logging`]: the process logger. `demo` (feature): in-process broker and sensors.
 
 pub mod app;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod demo;
 #[cfg(feature = "fault-hooks")]
 pub mod fault;
+pub mod health_check;
 pub mod logging;
 pub mod model;
 pub mod model_cache;
