@@ -2,7 +2,7 @@
 # Checks the systemd files in config/systemd/ against a staged root that looks like the device:
 # the unit, sysusers and tmpfiles snippets, the default config, and the binary in /usr/bin.
 #
-#   tools/check-units.sh [path/to/edgeinfer [extra.service[:name] ...]]
+#   tools/check-units.sh [path/to/edgeinfer [SRC[:/DEST] ...]]
 #
 # - `systemd-analyze verify` must print nothing (it exits 0 even on unknown keys, so any output
 #   is treated as a failure);
@@ -34,13 +34,16 @@ install -m 0644 config/systemd/edgeinfer.sysusers "$root/usr/lib/sysusers.d/edge
 install -m 0644 config/systemd/edgeinfer.tmpfiles "$root/usr/lib/tmpfiles.d/edgeinfer.conf"
 install -m 0644 config/edgeinfer.toml "$root/etc/edgeinfer/edgeinfer.toml"
 
-# Units from elsewhere that the image installs with ours (image/ota/: the OTA commit units),
-# given as extra arguments: UNIT_FILE[:INSTALL_NAME] ...
+# Files from elsewhere that the image installs with ours (image/ota/: the OTA commit units and
+# their helper), given as extra arguments SRC[:/ABSOLUTE/DEST]; without a DEST, SRC is a unit for
+# /usr/lib/systemd/system. Every unit among them is verified too.
 units=(edgeinfer.service edgeinfer-health-gate.service)
 for extra in "${@:2}"; do
-  src="${extra%%:*}"; name="${extra#*:}"; [[ "$name" == "$extra" ]] && name=$(basename "$src")
-  install -m 0644 "$src" "$root/usr/lib/systemd/system/$name"
-  units+=("$name")
+  src="${extra%%:*}"; dest="${extra#*:}"
+  [[ "$dest" == "$extra" ]] && dest="/usr/lib/systemd/system/$(basename "$src")"
+  mode=0644; [[ -x "$src" ]] && mode=0755
+  install -D -m "$mode" "$src" "$root$dest"
+  if [[ "$dest" == /usr/lib/systemd/system/*.service ]]; then units+=("$(basename "$dest")"); fi
 done
 
 for unit in "${units[@]}"; do
