@@ -1,2 +1,2 @@
 # The A/B boot script (slot selection, kernel from the slot, boot-count fallback).
-FILESEXTRAPATHS:prepend:edgeinfer := "${EDGEINFER_REPO_DIR}/image/ota/rpi:"
+FILESEXTRAPATHS:prepend:edgeinferos := "${EDGEINFER_REPO_DIR}/image/ota/rpi:"
