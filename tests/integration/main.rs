@@ -3,6 +3,7 @@
 
 mod cli;
 mod faults;
+mod images;
 mod lifecycle;
 mod malformed;
 mod metrics;
