@@ -19,7 +19,8 @@ use serde_json::{Map, Value, json};
 
 pub use histogram::{Histogram, Snapshot};
 
-/// Why a frame was refused before queueing (the payload itself is at fault).
+/// Why a frame was refused (the payload itself is at fault): at ingest, or for image frames when
+/// a worker decodes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     /// Zero-length payload (e.g. a cleared retained message).
