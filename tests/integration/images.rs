@@ -240,3 +240,44 @@ fn broken_images_are_rejected_with_their_reason_while_good_frames_flow() {
     assert_eq!(counted.get("wrong_channels"), Some(&1));
     assert_eq!(counted.get("wrong_size"), Some(&1));
 }
+
+#[test]
+fn validate_models_says_how_the_preprocessing_disagrees_with_the_model() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("cam.toml");
+    let model = fixtures().join("models/mobilenet/model.onnx");
+    let write = |preprocess: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[pipelines.cam]\nmodel = {:?}\ninput = \"cam/+\"\nformat = \"jpeg\"\n\
+                 [pipelines.cam.preprocess]\n{preprocess}\n",
+                model.display().to_string()
+            ),
+        )
+        .expect("write");
+    };
+    let validate = || {
+        let out = edgeinfer_tests::edgeinfer(&[
+            "validate",
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--models",
+        ]);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    write(&plan("classify"));
+    let (code, stderr) = validate();
+    assert_eq!(code, Some(0), "{stderr}");
+    write("resize = { width = 320, height = 320 }\nlayout = \"nhwc\"\ncolor = \"gray\"");
+    let (code, stderr) = validate();
+    assert_eq!(code, Some(78), "{stderr}");
+    for needle in [
+        "pipeline cam",
+        "jpeg frames: preprocess does not match the model: model input `image` is f32 [1, 3, 224, 224]",
+        "channels: color = \"gray\" writes 1, the input has 224 on the C of NHWC axis",
+        "size: resize produces 320x320 (width x height), the input takes 224x3",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in {stderr}");
+    }
+}

@@ -62,6 +62,8 @@ pub struct Tap {
 pub struct PlanScratch {
     xs: Vec<Tap>,
     ys: Vec<Tap>,
+    /// One output row in f32, before the dtype conversion.
+    row: Vec<f32>,
     /// The plan and source size the tables were built for.
     source: Option<(u64, usize, usize)>,
 }
@@ -272,14 +274,19 @@ impl Plan {
         Ok(())
     }
 
-    fn fill<S: Sample>(&self, img: &ImageView<'_>, s: &PlanScratch, out: &mut [u8]) {
+    /// One pass over the output, row by row: each output row is computed in f32 into the
+    /// scratch row buffer (channel-major for NCHW, interleaved for NHWC, so it is contiguous in
+    /// the tensor either way), then converted to the model's dtype with one dtype dispatch per
+    /// row. The inner loops are branch-light and index-only, which the compiler vectorizes
+    /// where the loads allow.
+    fn fill<S: Sample>(&self, img: &ImageView<'_>, s: &mut PlanScratch, out: &mut [u8]) {
         let (w, h, c) = (img.width, img.height, img.channels);
         // Element strides of the source.
         let (sx, sy, sc) = match img.layout {
             PixelLayout::Hwc => (c, w * c, 1),
             PixelLayout::Chw => (1, w, w * h),
         };
-        // Source channel feeding each output channel, or luma weights for color -> gray.
+        // Source channel of each of R, G, B.
         let src_rgb: [usize; 3] = if c == 1 {
             [0, 0, 0]
         } else if img.order == ColorOrder::Bgr {
@@ -287,59 +294,94 @@ impl Plan {
         } else {
             [0, 1, 2]
         };
-        enum Mix {
-            Pick([usize; 3]),
-            Luma([usize; 3]),
-        }
-        let mix = match (self.cfg.color, c) {
-            (ColorOrder::Gray, 3) => Mix::Luma(src_rgb),
-            (ColorOrder::Gray, _) => Mix::Pick([0, 0, 0]),
-            (ColorOrder::Rgb, _) => Mix::Pick(src_rgb),
-            (ColorOrder::Bgr, _) => Mix::Pick([src_rgb[2], src_rgb[1], src_rgb[0]]),
+        // Source channel feeding each output channel, or `None`: luma of R, G, B.
+        let pick: Option<[usize; 3]> = match (self.cfg.color, c) {
+            (ColorOrder::Gray, 3) => None,
+            (ColorOrder::Gray, _) => Some([0, 0, 0]),
+            (ColorOrder::Rgb, _) => Some(src_rgb),
+            (ColorOrder::Bgr, _) => Some([src_rgb[2], src_rgb[1], src_rgb[0]]),
         };
         let oc = self.out_c;
-        let (ow, oh) = (self.out_w, self.out_h);
-        let plane = ow * oh;
+        let (ow, plane) = (self.out_w, self.out_w * self.out_h);
+        let nhwc = self.cfg.layout == TensorLayout::Nhwc;
+        // Where output channel k, column x goes in the row buffer.
+        let (k_stride, x_stride) = if nhwc { (1, oc) } else { (ow, 1) };
+        let size = self.dtype.size();
         let bytes = img.bytes;
-        let bilinear = |ch: usize, tx: &Tap, ty: &Tap| -> f32 {
-            let base = ch * sc;
-            let r0 = ty.i0 as usize * sy + base;
-            let r1 = ty.i1 as usize * sy + base;
-            let (c0, c1) = (tx.i0 as usize * sx, tx.i1 as usize * sx);
-            let top = S::load(bytes, r0 + c0) * (1.0 - tx.w1) + S::load(bytes, r0 + c1) * tx.w1;
-            let bot = S::load(bytes, r1 + c0) * (1.0 - tx.w1) + S::load(bytes, r1 + c1) * tx.w1;
-            top * (1.0 - ty.w1) + bot * ty.w1
-        };
-        for (oy, ty) in s.ys.iter().enumerate() {
-            for (ox, tx) in s.xs.iter().enumerate() {
-                let mut v = [0f32; 3];
-                if ty.inside && tx.inside {
-                    match mix {
-                        Mix::Pick(src) => {
-                            for k in 0..oc {
-                                v[k] = bilinear(src[k], tx, ty) * self.a[k] + self.b[k];
-                            }
-                        }
-                        Mix::Luma([r, g, b]) => {
-                            let l = 0.299 * bilinear(r, tx, ty)
-                                + 0.587 * bilinear(g, tx, ty)
-                                + 0.114 * bilinear(b, tx, ty);
-                            v[0] = l * self.a[0] + self.b[0];
-                        }
-                    }
-                } else {
-                    v = self.pad;
-                }
-                for (k, val) in v.iter().enumerate().take(oc) {
-                    let o = match self.cfg.layout {
-                        TensorLayout::Nchw => k * plane + oy * ow + ox,
-                        TensorLayout::Nhwc => (oy * ow + ox) * oc + k,
+        let PlanScratch { xs, ys, row, .. } = s;
+        row.clear();
+        row.resize(ow * oc, 0.0);
+        for (oy, ty) in ys.iter().enumerate() {
+            let (r0, r1, wy) = (ty.i0 as usize * sy, ty.i1 as usize * sy, ty.w1);
+            // Bilinear sample of source channel offset `base` at column tap `tx`.
+            let sample = |base: usize, tx: &Tap| -> f32 {
+                let (c0, c1) = (tx.i0 as usize * sx + base, tx.i1 as usize * sx + base);
+                let top = S::load(bytes, r0 + c0) * (1.0 - tx.w1) + S::load(bytes, r0 + c1) * tx.w1;
+                let bot = S::load(bytes, r1 + c0) * (1.0 - tx.w1) + S::load(bytes, r1 + c1) * tx.w1;
+                top * (1.0 - wy) + bot * wy
+            };
+            for k in 0..oc {
+                let (a, b, pad) = (self.a[k], self.b[k], self.pad[k]);
+                for (ox, tx) in xs.iter().enumerate() {
+                    let v = if !(ty.inside && tx.inside) {
+                        pad
+                    } else if let Some(src) = pick {
+                        sample(src[k] * sc, tx) * a + b
+                    } else {
+                        let [r, g, bl] = src_rgb;
+                        (0.299 * sample(r * sc, tx)
+                            + 0.587 * sample(g * sc, tx)
+                            + 0.114 * sample(bl * sc, tx))
+                            * a
+                            + b
                     };
-                    store(self.dtype, out, o, *val);
+                    row[k * k_stride + ox * x_stride] = v;
+                }
+            }
+            if nhwc {
+                let at = oy * ow * oc * size;
+                store_row(self.dtype, &mut out[at..at + ow * oc * size], row);
+            } else {
+                for k in 0..oc {
+                    let at = (k * plane + oy * ow) * size;
+                    store_row(self.dtype, &mut out[at..at + ow * size], &row[k * ow..(k + 1) * ow]);
                 }
             }
         }
-        debug_assert_eq!(s.ys.len(), oh);
+    }
+}
+
+/// Writes `vals` as consecutive elements of `dt` (little-endian; integers rounded to nearest
+/// and saturated).
+fn store_row(dt: DType, out: &mut [u8], vals: &[f32]) {
+    match dt {
+        DType::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(vals) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(vals) {
+                o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F64 => {
+            for (o, v) in out.chunks_exact_mut(8).zip(vals) {
+                o.copy_from_slice(&f64::from(*v).to_le_bytes());
+            }
+        }
+        DType::U8 => {
+            for (o, v) in out.iter_mut().zip(vals) {
+                *o = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        DType::I8 => {
+            for (o, v) in out.iter_mut().zip(vals) {
+                *o = (v.round().clamp(-128.0, 127.0) as i8) as u8;
+            }
+        }
+        // Refused by `Plan::compile`.
+        _ => {}
     }
 }
 
@@ -359,21 +401,6 @@ fn axis(taps: &mut Vec<Tap>, src: usize, content: usize, offset: usize, start: u
         let i0 = sx.floor();
         let i1 = (i0 + 1.0).min(last);
         taps.push(Tap { i0: i0 as u32, i1: i1 as u32, w1: (sx - i0) as f32, inside: true });
-    }
-}
-
-#[inline]
-fn store(dt: DType, out: &mut [u8], i: usize, v: f32) {
-    match dt {
-        DType::F32 => out[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes()),
-        DType::F16 => {
-            out[i * 2..i * 2 + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())
-        }
-        DType::F64 => out[i * 8..i * 8 + 8].copy_from_slice(&(v as f64).to_le_bytes()),
-        DType::U8 => out[i] = v.round().clamp(0.0, 255.0) as u8,
-        DType::I8 => out[i] = (v.round().clamp(-128.0, 127.0) as i8) as u8,
-        // Refused by `Plan::compile`.
-        _ => {}
     }
 }
 
