@@ -53,7 +53,12 @@ echo "== build the daemon binary used by the integration tests (with the test-on
 cargo build -p edgeinfer --bins --locked --features fault-hooks
 cargo build -p edgeinfer-ota --locked
 echo "== systemd unit, sysusers and tmpfiles files"
-tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer"
+tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer" \
+  image/ota/edgeinfer-ota-commit.service image/ota/edgeinfer-ota-rollback.service \
+  image/ota/edgeinfer-ota:/usr/libexec/edgeinfer-ota/edgeinfer-ota \
+  image/ota/edgeinfer-health-gate-ota.conf:/usr/lib/systemd/system/edgeinfer-health-gate.service.d/ota.conf
+echo "== Yocto crates include matches Cargo.lock"
+python3 tools/yocto-crates.py --check
 echo "== tests (unit + integration against a real mosquitto)"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
 if [[ "${EDGEINFER_SKIP_AARCH64:-0}" != 1 ]]; then

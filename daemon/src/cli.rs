@@ -1,5 +1,5 @@
-//! Command-line interface: argument parsing and the subcommands (`run`, `validate`, `config
-//! default`, `inspect`, `demo`). Each returns a process exit code from sysexits.
+//! Command-line interface: argument parsing and the subcommands (`run`, `validate`, `health`,
+//! `config default`, `inspect`, `demo`). Each returns a process exit code from sysexits.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,22 @@ pub enum Command {
         /// Also load every model and check it against its pipeline (slower).
         #[arg(long)]
         models: bool,
+    },
+    /// Check the running daemon's health through its retained health message; exit 0 only when
+    /// it is online, every pipeline has its model loaded and warmed up, and no SLO is breached.
+    Health {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Wait for fresh health messages and require the daemon to stay healthy for --window
+        /// (the A/B update commit gate); without it, judge the current retained message once.
+        #[arg(long)]
+        wait: bool,
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+        timeout: Duration,
+        /// With --wait: how long the same daemon process must stay healthy.
+        #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+        window: Duration,
     },
     /// Configuration helpers.
     Config {
@@ -113,6 +129,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Validate { config, models } => validate(&config, models),
+        Command::Health { config, wait, timeout, window } => {
+            health(&config, crate::health_check::CheckOptions { wait, timeout, window })
+        }
         Command::Config { what: ConfigCommand::Default } => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -213,6 +232,34 @@ fn validate(path: &Path, models: bool) -> ExitCode {
         if models { ", models loaded and warmed up" } else { "" }
     );
     ExitCode::SUCCESS
+}
+
+fn health(path: &Path, opts: crate::health_check::CheckOptions) -> ExitCode {
+    if opts.wait && opts.window >= opts.timeout {
+        eprintln!(
+            "error: --window ({:?}) must be shorter than --timeout ({:?})",
+            opts.window, opts.timeout
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match crate::health_check::check(&config, opts) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ crate::health_check::CheckError::Mqtt(_)) => {
+            report(&e);
+            ExitCode::from(EX_CONFIG)
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::from(EX_FAILURE)
+        }
+    }
 }
 
 fn parse_shape_arg(s: &str) -> Result<(String, Vec<usize>), String> {
@@ -560,5 +607,13 @@ mod tests {
             .expect("parse");
         assert!(matches!(c.command, Command::Validate { models: true, .. }));
         assert!(Cli::try_parse_from(["edgeinfer", "frobnicate"]).is_err());
+        let c = Cli::try_parse_from(["edgeinfer", "health", "--wait", "--timeout", "90s"])
+            .expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Health { wait: true, timeout, window, .. }
+                if timeout == Duration::from_secs(90) && window == Duration::from_secs(30)
+        ));
+        assert!(Cli::try_parse_from(["edgeinfer", "health", "--timeout", "5"]).is_err());
     }
 }

@@ -11,6 +11,7 @@
 //! - [`telemetry`]: counters, histograms, accounting reasons.
 //! - [`config`]: the TOML file and its validation; [`topic`]: filters and templates.
 //! - [`spool`]: results kept on disk while the broker is unreachable.
+//! - [`health_check`]: `edgeinfer health --wait`, the A/B update commit gate.
 //! - [`logging`]: the process logger. `demo` (feature): in-process broker and sensors.
 
 pub mod app;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod demo;
 #[cfg(feature = "fault-hooks")]
 pub mod fault;
+pub mod health_check;
 pub mod logging;
 pub mod model;
 pub mod model_cache;

@@ -66,8 +66,7 @@ pub fn qos(q: Qos) -> QoS {
 /// Connection options from the broker config. `will` is the (topic, payload) of the retained
 /// Last Will that marks the daemon offline if the connection dies.
 pub fn options(b: &BrokerConfig, will: (String, Vec<u8>)) -> Result<MqttOptions, MqttError> {
-    let mut o = MqttOptions::new(b.client_id.clone(), b.host.clone(), b.port);
-    o.set_keep_alive(b.keepalive);
+    let mut o = connection(b, b.client_id.clone())?;
     o.set_clean_session(b.clean_session);
     // rumqttc defaults to 10 KiB; frames are often larger. Outgoing results (e.g. 1000-class
     // score vectors as JSON) can be large too; the broker enforces its own limit.
@@ -78,6 +77,24 @@ pub fn options(b: &BrokerConfig, will: (String, Vec<u8>)) -> Result<MqttOptions,
     // during shutdown are left unacknowledged, so a persistent session redelivers them.
     o.set_manual_acks(true);
     o.set_last_will(LastWill::new(will.0, will.1, QoS::AtLeastOnce, true));
+    Ok(o)
+}
+
+/// Options for a short-lived observer of the daemon's own topics (`edgeinfer health`): the same
+/// broker, credentials and TLS as the daemon, its own client id (so it never takes over the
+/// daemon's session), a clean session and no Last Will.
+pub fn observer_options(b: &BrokerConfig, client_id: String) -> Result<MqttOptions, MqttError> {
+    let mut o = connection(b, client_id)?;
+    o.set_clean_session(true);
+    // Health messages grow with the pipelines; rumqttc's 10 KiB default is too small.
+    o.set_max_packet_size(b.max_packet_size as usize, MAX_PAYLOAD_LIMIT as usize);
+    Ok(o)
+}
+
+/// What every connection of ours shares: address, keepalive, credentials, TLS.
+fn connection(b: &BrokerConfig, client_id: String) -> Result<MqttOptions, MqttError> {
+    let mut o = MqttOptions::new(client_id, b.host.clone(), b.port);
+    o.set_keep_alive(b.keepalive);
     if let Some(user) = &b.username {
         let pass = match &b.password {
             Some(p) => {

@@ -24,6 +24,17 @@ check "STATUS= reaches systemd ($status)" grep -q "pipeline(s)" <<< "$status"
 pid=$(systemctl show -p MainPID --value edgeinfer.service)
 check "no warnings at start-up" bash -c "! journalctl -u edgeinfer.service -p warning --no-pager -q | grep -v 'fault hooks' | grep -q ."
 
+# 1b. The A/B commit gate, as installed (User=, sandbox), with a short window for the test: it
+# passes on the healthy daemon, and boot-complete.target (which requires it) is reached.
+mkdir -p /run/systemd/system/edgeinfer-health-gate.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/edgeinfer health --wait --config /etc/edgeinfer/edgeinfer.toml --timeout 90s --window 2s\n' \
+  > /run/systemd/system/edgeinfer-health-gate.service.d/vmtest.conf
+systemctl daemon-reload
+check "health gate enables into boot-complete.target" systemctl enable edgeinfer-health-gate.service
+check "health gate passes on the healthy daemon" systemctl start edgeinfer-health-gate.service
+check "boot-complete.target reached" systemctl start boot-complete.target
+check "boot-complete.target requires the gate" bash -c "systemctl show -p Requires --value boot-complete.target | grep -q edgeinfer-health-gate.service"
+
 # 2. Privileges as systemd and the daemon left them.
 check "runs as user edgeinfer" test "$(stat -c %U /proc/$pid)" = edgeinfer
 check "CapEff is 0" grep -q "^CapEff:[[:space:]]*0000000000000000" /proc/$pid/status

@@ -41,6 +41,7 @@ printf '127.0.0.1 localhost\n::1 localhost\n' > "$stage/etc/hosts"
 # What the device image installs (the Yocto recipe installs the same files).
 install -D -m 0755 "$bin" "$stage/usr/bin/edgeinfer"
 install -D -m 0644 "$repo/config/systemd/edgeinfer.service" "$stage/usr/lib/systemd/system/edgeinfer.service"
+install -D -m 0644 "$repo/config/systemd/edgeinfer-health-gate.service" "$stage/usr/lib/systemd/system/edgeinfer-health-gate.service"
 install -D -m 0644 "$repo/config/systemd/edgeinfer.sysusers" "$stage/usr/lib/sysusers.d/edgeinfer.conf"
 install -D -m 0644 "$repo/config/systemd/edgeinfer.tmpfiles" "$stage/usr/lib/tmpfiles.d/edgeinfer.conf"
 install -D -m 0644 "$repo/daemon/assets/demo/digits.onnx" "$stage/usr/share/edgeinfer/models/digits.onnx"

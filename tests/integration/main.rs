@@ -3,6 +3,7 @@
 
 mod cli;
 mod faults;
+mod health;
 mod images;
 mod lifecycle;
 mod malformed;

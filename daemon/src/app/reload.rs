@@ -181,6 +181,7 @@ pub(super) fn check_probation(p: &Pipeline) -> Option<SwapReport> {
     let limits = ProbationLimits {
         min_frames: p.cfg.probation_min_frames,
         latency_ratio: p.cfg.probation_latency_ratio,
+        latency_floor: p.cfg.probation_latency_floor,
         error_rate: p.cfg.probation_error_rate,
     };
     let verdict =

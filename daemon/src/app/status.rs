@@ -69,6 +69,16 @@ fn process_json() -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The booted A/B slot and image version (`sys::boot`): read once, they change only by rebooting.
+fn boot_json() -> Value {
+    static BOOT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        serde_json::to_value(crate::sys::boot::read(&crate::sys::boot::BootSources::default()))
+            .unwrap_or(Value::Null)
+    })
+    .clone()
+}
+
 fn host_json(app: &App) -> Value {
     let cpus = app.system.allowed_cpus.to_vec();
     serde_json::to_value(procfs::read_host(std::path::Path::new(SYS_ROOT), Some(&cpus)))
@@ -124,6 +134,7 @@ pub fn online(app: &App) -> Vec<u8> {
         "started_us": app.started_us,
         "at_us": unix_us(SystemTime::now()),
         "uptime_s": app.started.elapsed().as_secs(),
+        "boot": boot_json(),
         "rss_bytes": rss_bytes(),
         "process": process_json(),
         "host": host_json(app),

@@ -439,6 +439,8 @@ pub struct PipelineConfig {
     pub probation: Duration,
     pub probation_min_frames: u64,
     pub probation_latency_ratio: f64,
+    /// ...and more than this above it.
+    pub probation_latency_floor: Duration,
     pub probation_error_rate: f64,
 }
 
@@ -1301,6 +1303,9 @@ fn pipeline(
     let probation_min_frames =
         s.int(p, "probation_min_frames", 1, 1 << 30).map_or(50, |n| n as u64);
     let probation_latency_ratio = s.float(p, "probation_latency_ratio", 1.0, 100.0).unwrap_or(1.5);
+    let probation_latency_floor = s
+        .duration(p, "probation_latency_floor", Duration::ZERO, Duration::from_secs(60))
+        .unwrap_or(Duration::from_millis(1));
     let probation_error_rate = s.float(p, "probation_error_rate", 0.0, 1.0).unwrap_or(0.01);
     let max_age = s.duration(p, "max_age", Duration::from_millis(1), Duration::from_secs(86400));
     let deadline = s.duration(p, "deadline", Duration::from_millis(1), Duration::from_secs(86400));
@@ -1363,6 +1368,7 @@ fn pipeline(
         probation,
         probation_min_frames,
         probation_latency_ratio,
+        probation_latency_floor,
         probation_error_rate,
         max_age,
         deadline,

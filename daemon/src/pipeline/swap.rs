@@ -158,8 +158,11 @@ pub struct Probation {
 #[derive(Debug, Clone, Copy)]
 pub struct ProbationLimits {
     pub min_frames: u64,
-    /// Candidate P99 above this multiple of the baseline's is a regression.
+    /// Candidate P99 above this multiple of the baseline's is a regression...
     pub latency_ratio: f64,
+    /// ...when it is also this much above it in absolute terms (a 0.1 -> 0.3 ms change on a
+    /// shared core is scheduling noise, not a slower model).
+    pub latency_floor: std::time::Duration,
     /// Candidate error rate above the baseline's plus this is a regression.
     pub error_rate: f64,
 }
@@ -189,12 +192,15 @@ pub fn probation_verdict(
         ));
     }
     let (Some(p99), Some(base)) = (since_swap.quantile(0.99), baseline_p99) else { return None };
-    if p99.as_secs_f64() > base.as_secs_f64() * limits.latency_ratio {
+    if p99.as_secs_f64() > base.as_secs_f64() * limits.latency_ratio
+        && p99.saturating_sub(base) > limits.latency_floor
+    {
         return Some(format!(
-            "inference P99 {:.1} ms over {frames} frames, {:.1} ms before (limit {}x)",
+            "inference P99 {:.1} ms over {frames} frames, {:.1} ms before (limit {}x and +{:.1} ms)",
             p99.as_secs_f64() * 1e3,
             base.as_secs_f64() * 1e3,
-            limits.latency_ratio
+            limits.latency_ratio,
+            limits.latency_floor.as_secs_f64() * 1e3
         ));
     }
     None
@@ -353,7 +359,19 @@ mod tests {
     fn probation_verdicts() {
         use crate::telemetry::Histogram;
         use std::time::Duration;
-        let limits = ProbationLimits { min_frames: 20, latency_ratio: 1.5, error_rate: 0.01 };
+        let limits = ProbationLimits {
+            min_frames: 20,
+            latency_ratio: 1.5,
+            latency_floor: Duration::from_millis(1),
+            error_rate: 0.01,
+        };
+        // 3x slower but only by 0.2 ms: noise on a shared core, not a verdict.
+        let tiny = Histogram::default();
+        for _ in 0..40 {
+            tiny.record(Duration::from_micros(300));
+        }
+        let small_base = Some(Duration::from_micros(100));
+        assert_eq!(probation_verdict(&tiny.snapshot(), 0, small_base, 0.0, &limits), None);
         let h = Histogram::default();
         for _ in 0..10 {
             h.record(Duration::from_millis(30));
