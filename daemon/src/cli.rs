@@ -96,6 +96,11 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also time decoding this JPEG/PNG and pre-processing it into the model's image input
+        /// (bilinear resize to its H x W, ImageNet normalization, NCHW or NHWC from the shape),
+        /// `runs` times each, against the inference time.
+        #[arg(long, value_name = "IMAGE")]
+        bench_image: Option<PathBuf>,
     },
     /// Demo: in-process broker, the bundled digits model, simulated sensors, live results.
     #[cfg(feature = "demo")]
@@ -131,9 +136,23 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Inspect { model, input_shapes, runs, batch, threads, f16, cache, json } => {
-            inspect(&model, &input_shapes, runs, json, Levers { batch, threads, half: f16, cache })
-        }
+        Command::Inspect {
+            model,
+            input_shapes,
+            runs,
+            batch,
+            threads,
+            f16,
+            cache,
+            json,
+            bench_image,
+        } => inspect(
+            &model,
+            &input_shapes,
+            runs,
+            json,
+            Levers { batch, threads, half: f16, cache, bench_image },
+        ),
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(&args),
     }
@@ -260,6 +279,7 @@ struct Levers {
     threads: usize,
     half: bool,
     cache: Option<PathBuf>,
+    bench_image: Option<PathBuf>,
 }
 
 fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Levers) -> ExitCode {
@@ -313,6 +333,16 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
             return ExitCode::from(EX_FAILURE);
         }
     };
+    let image = match &levers.bench_image {
+        None => None,
+        Some(img) => match bench_image(&model, img, runs.max(1)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: --bench-image {}: {e}", img.display());
+                return ExitCode::from(EX_FAILURE);
+            }
+        },
+    };
     if json {
         let spec = |t: &crate::model::TensorSpec| {
             serde_json::json!({
@@ -335,6 +365,7 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
                 "runs": t.runs, "mean_us": t.mean.as_micros() as u64, "p50_us": t.p50.as_micros() as u64,
                 "p99_us": t.p99.as_micros() as u64, "min_us": t.min.as_micros() as u64,
             })),
+            "image": image.as_ref().map(ImageTimings::json),
         });
         println!("{v}");
         return ExitCode::SUCCESS;
@@ -383,7 +414,134 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
             t.min
         );
     }
+    if let Some(t) = image {
+        println!("{}", t.text());
+    }
     ExitCode::SUCCESS
+}
+
+/// Per-frame cost of an image frame's CPU work before inference, against the inference.
+struct ImageTimings {
+    width: usize,
+    height: usize,
+    channels: usize,
+    bytes: usize,
+    runs: usize,
+    decode: Duration,
+    preprocess: Duration,
+    inference: Duration,
+}
+
+impl ImageTimings {
+    fn ratio(&self, d: Duration) -> f64 {
+        d.as_secs_f64() / self.inference.as_secs_f64().max(1e-12)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "width": self.width, "height": self.height, "channels": self.channels,
+            "bytes": self.bytes, "runs": self.runs,
+            "decode_us": self.decode.as_micros() as u64,
+            "preprocess_us": self.preprocess.as_micros() as u64,
+            "inference_us": self.inference.as_micros() as u64,
+            "decode_over_inference": self.ratio(self.decode),
+            "preprocess_over_inference": self.ratio(self.preprocess),
+            "total_over_inference": self.ratio(self.decode + self.preprocess),
+        })
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "image     {}x{}x{} ({} bytes), median of {} runs: decode {:?} ({:.3}x inference), \
+             pre-process {:?} ({:.3}x), both {:.3}x of inference {:?}",
+            self.width,
+            self.height,
+            self.channels,
+            self.bytes,
+            self.runs,
+            self.decode,
+            self.ratio(self.decode),
+            self.preprocess,
+            self.ratio(self.preprocess),
+            self.ratio(self.decode + self.preprocess),
+            self.inference
+        )
+    }
+}
+
+/// Times decoding `path` and pre-processing it into the model's input tensor, then inference on
+/// that tensor: medians of `runs` runs each (the first of each untimed).
+fn bench_image(model: &Model, path: &Path, runs: usize) -> Result<ImageTimings, String> {
+    use crate::config::image::{Preprocess, Resize, ResizeMode, TensorLayout};
+    use crate::pipeline::image::{decode_jpeg, decode_png};
+    use crate::pipeline::preprocess::{Plan, PlanScratch};
+
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    let spec = model.inputs.first().ok_or("the model has no input")?;
+    let s = &spec.shape;
+    let nhwc = s.len() == 4 && s[3] == 3 && s[1] != 3;
+    let (h, w) = match (s.len(), nhwc) {
+        (4, false) => (s[2], s[3]),
+        (4, true) => (s[1], s[2]),
+        _ => {
+            return Err(format!(
+                "input `{}` {:?} is not an image ([N, C, H, W] or [N, H, W, C])",
+                spec.name, s
+            ));
+        }
+    };
+    let cfg = Preprocess {
+        resize: Some(Resize { width: w, height: h, mode: ResizeMode::Bilinear }),
+        scale: 1.0 / 255.0,
+        mean: vec![0.485, 0.456, 0.406],
+        std: vec![0.229, 0.224, 0.225],
+        layout: if nhwc { TensorLayout::Nhwc } else { TensorLayout::Nchw },
+        ..Preprocess::default()
+    };
+    let plan = Plan::compile(&cfg, spec)?;
+    let png = data.starts_with(b"\x89PNG");
+    let budget = cfg.max_decoded;
+    let mut pixels = Vec::new();
+    let mut scratch = PlanScratch::default();
+    let mut session = model.session().map_err(|e| e.to_string())?;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut dec, mut pre, mut inf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut geometry = (0, 0, 0);
+    for i in 0..=runs {
+        let t = Instant::now();
+        let view = if png {
+            decode_png(&data, budget, &mut pixels)
+        } else {
+            decode_jpeg(&data, budget, &mut pixels)
+        }
+        .map_err(|r| r.detail)?;
+        let t_dec = t.elapsed();
+        geometry = (view.width, view.height, view.channels);
+        let t = Instant::now();
+        plan.run(&view, &mut scratch, session.input_mut(0)).map_err(|r| r.detail)?;
+        let t_pre = t.elapsed();
+        let t = Instant::now();
+        session.run().map_err(|e| e.to_string())?;
+        let t_inf = t.elapsed();
+        if i > 0 {
+            dec.push(t_dec);
+            pre.push(t_pre);
+            inf.push(t_inf);
+        }
+    }
+    Ok(ImageTimings {
+        width: geometry.0,
+        height: geometry.1,
+        channels: geometry.2,
+        bytes: data.len(),
+        runs,
+        decode: median(dec),
+        preprocess: median(pre),
+        inference: median(inf),
+    })
 }
 
 struct Timings {

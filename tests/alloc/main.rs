@@ -1,5 +1,6 @@
 //! Allocation discipline: the daemon's own hot path (decode -> queue -> worker copy -> result
-//! serialization -> hand-off to the publisher) allocates nothing per frame in steady state.
+//! serialization -> hand-off to the publisher) allocates nothing per frame in steady state;
+//! image frames add only the JPEG/PNG decoders' own state, never a pixel buffer.
 //!
 //! A counting global allocator counts every allocation in this process. The test drives one
 //! pipeline on the `digits` fixture frame by frame on one thread, with a publisher that only
@@ -19,6 +20,7 @@ use edgeinfer::pipeline::queue::Pop;
 use edgeinfer::pipeline::{Pipeline, PublishError, Publisher, Scratch};
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Counts allocations and reallocations, then defers to the system allocator.
 struct Counting;
@@ -29,16 +31,19 @@ struct Counting;
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(l.size() as u64, Ordering::Relaxed);
         // SAFETY: forwarded unchanged (see the impl comment).
         unsafe { System.alloc(l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(l.size() as u64, Ordering::Relaxed);
         // SAFETY: forwarded unchanged.
         unsafe { System.alloc_zeroed(l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(n as u64, Ordering::Relaxed);
         // SAFETY: forwarded unchanged.
         unsafe { System.realloc(p, l, n) }
     }
@@ -53,6 +58,10 @@ static GLOBAL: Counting = Counting;
 
 fn allocs() -> u64 {
     ALLOCS.load(Ordering::Relaxed)
+}
+
+fn bytes_allocated() -> u64 {
+    BYTES.load(Ordering::Relaxed)
 }
 
 /// Takes results and counts them; allocates nothing.
@@ -72,6 +81,64 @@ impl Publisher for CountingPublisher {
 
 fn fixture(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models").join(rel)
+}
+
+/// Image frames on the mobilenet fixture: (allocations per frame, bytes per frame) of the
+/// daemon's path (ingest, worker decode + pre-processing into the tensor, result), tract's own
+/// run subtracted.
+fn measure_image(format: &str, file: &str, extra: &str, frames: usize) -> (f64, f64) {
+    let model_path = fixture("mobilenet/model.onnx");
+    let text = format!(
+        "device_id = \"a\"\n[pipelines.cam]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\n\
+         format = \"{format}\"\nmax_payload = \"1MiB\"\n[pipelines.cam.preprocess]\n\
+         resize = {{ width = 256, height = 256 }}\ncenter_crop = {{ width = 224, height = 224 }}\n\
+         scale = 0.00392156862745098\n{extra}",
+        model_path.display().to_string()
+    );
+    let cfg = Config::parse_str(&text, "alloc test", None).expect("config");
+    let pc = cfg.pipelines[0].clone();
+    let model = Model::load(&pc.model, &LoadOptions::default()).expect("model");
+    let p = Pipeline::new(pc.clone(), model.clone(), Vec::new(), "a", &cfg.errors, Duration::ZERO)
+        .expect("pipeline");
+    let publisher = CountingPublisher(AtomicU64::new(0));
+    let mut session = model.session().expect("session");
+    let mut writer = ResultWriter::new(pc.postprocess.clone(), Vec::new(), &model).expect("writer");
+    let mut scratch = Scratch::default();
+    let data =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images").join(file))
+            .expect("image");
+    let filter = pc.input.clone();
+    let mut serve = |topic: String, payload: Bytes| {
+        let caps = filter.matches(&topic).expect("match");
+        assert!(p.ingest(topic, caps, payload, &publisher).is_none());
+        match p.queue.pop(Duration::ZERO) {
+            Pop::Item(frame) => {
+                p.serve_frame(&mut session, &mut writer, &mut scratch, frame, &publisher)
+            }
+            other => panic!("expected a frame, got {other:?}"),
+        }
+        p.queue.done();
+    };
+    for _ in 0..5 {
+        serve("s/dev1".to_string(), Bytes::from(data.clone()));
+    }
+    let inputs: Vec<(String, Bytes)> =
+        (0..frames).map(|_| ("s/dev1".to_string(), Bytes::from(data.clone()))).collect();
+    let (a0, b0) = (allocs(), bytes_allocated());
+    for (t, b) in inputs {
+        serve(t, b);
+    }
+    let (a1, b1) = (allocs(), bytes_allocated());
+    assert_eq!(publisher.0.load(Ordering::Relaxed) as usize, 5 + frames, "every frame served");
+    let mut s2 = model.session().expect("session");
+    s2.run().expect("run");
+    let (a2, b2) = (allocs(), bytes_allocated());
+    for _ in 0..frames {
+        s2.run().expect("run");
+    }
+    let (a3, b3) = (allocs(), bytes_allocated());
+    let n = frames as f64;
+    (((a1 - a0) as f64 - (a3 - a2) as f64) / n, ((b1 - b0) as f64 - (b3 - b2) as f64) / n)
 }
 
 /// (allocations per frame on the whole path, allocations per tract run) for `format`.
@@ -174,4 +241,21 @@ fn hot_path_allocations() {
     // JSON decoding allocates its output buffer (and serde_json its scratch) per frame; keep it
     // small and visible rather than pretend it is zero.
     assert_eq!(own, 1.0, "JSON decoding should allocate exactly its output buffer per frame");
+
+    // Raw image frames: the plan writes straight into the tensor from the packet buffer.
+    let raw = "[pipelines.cam.raw]\nwidth = 300\nheight = 200\nchannels = 3\n";
+    let (n, bytes) = measure_image("raw", "scene_png.pixels.u8", raw, 20);
+    eprintln!("raw image frames: {n:.2} allocations ({bytes:.0} bytes) per frame besides tract");
+    assert_eq!(n, 0.0, "raw image frames must not allocate per frame");
+    // Encoded frames: the decoders build state of their own per image, but the decoded pixels
+    // go into the worker's reused buffer. zune-jpeg: ~17 allocations, ~110 KB (Huffman and
+    // component buffers) for a 640x480 frame whose pixels are 921,600 bytes. png: ~7
+    // allocations, ~360 KB whatever the image size (its unfiltering buffer starts at 128 KiB,
+    // plus the 32 KiB zlib window and inflate tables), freed after each frame.
+    let (n, bytes) = measure_image("jpeg", "scene.jpg", "", 20);
+    eprintln!("jpeg frames: {n:.1} allocations ({bytes:.0} bytes) per frame besides tract");
+    assert!(bytes < 921_600.0 / 4.0, "jpeg: {bytes} bytes per frame, pixels are reused");
+    let (n, bytes) = measure_image("png", "scene.png", "", 20);
+    eprintln!("png frames: {n:.1} allocations ({bytes:.0} bytes) per frame besides tract");
+    assert!(bytes < 512.0 * 1024.0, "png: {bytes} bytes per frame of decoder state");
 }

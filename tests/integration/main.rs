@@ -4,6 +4,7 @@
 mod cli;
 mod faults;
 mod health;
+mod images;
 mod lifecycle;
 mod malformed;
 mod metrics;

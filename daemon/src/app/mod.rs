@@ -351,10 +351,23 @@ pub fn start(mut config: Config) -> Result<App, AppError> {
     let mut sys = SystemState::default();
     system::cpu_sets(&config, &mut sys);
     system::cgroup(&config, &mut sys)?;
-    // Bytes a queued frame holds: its input tensors plus topic strings and bookkeeping.
+    // Bytes a queued frame holds: its input tensors plus topic strings and bookkeeping. Image
+    // frames are queued as they came (decoded by the workers): a raw image's exact size, or
+    // for jpeg/png at most max_payload.
     let frame_bytes: Vec<usize> = loaded
         .iter()
-        .map(|(m, _, _)| m.inputs.iter().map(|i| i.byte_len()).sum::<usize>() + 512)
+        .zip(&config.pipelines)
+        .map(|((m, _, _), p)| {
+            let tensor = m.inputs.iter().map(|i| i.byte_len()).sum::<usize>();
+            let queued = match &p.image {
+                None => tensor,
+                Some(img) => match img.raw {
+                    Some(r) => r.width * r.height * r.channels * r.dtype.size(),
+                    None => usize::try_from(p.max_payload).unwrap_or(usize::MAX),
+                },
+            };
+            queued + 512
+        })
         .collect();
     system::fit_queues(&mut config, &frame_bytes, &sys);
     let pipelines = build_pipelines(&config, loaded)?;

@@ -352,7 +352,7 @@ pub fn prometheus(app: &App) -> String {
     e.family(
         "edgeinfer_frames_rejected_total",
         Kind::Counter,
-        "Frames refused before queueing because the payload was at fault, by reason.",
+        "Frames refused because the payload was at fault (at ingest, or when a worker decodes an image), by reason.",
     );
     for p in ps {
         for r in RejectReason::ALL {

@@ -8,6 +8,7 @@
 //! The annotated default configuration is `config/edgeinfer.toml` in the repository, embedded here
 //! as [`DEFAULT_CONFIG`] so that `edgeinfer config default` always matches the code.
 
+pub mod image;
 mod reader;
 pub mod units;
 
@@ -307,6 +308,21 @@ pub enum PayloadFormat {
     Raw,
     /// `{"seq":…, "ts":…, "data":[…]}` or `{"inputs": {"name": […]}}`.
     Json,
+    /// A baseline or progressive JPEG (8-bit grayscale or color), pre-processed per [`image`].
+    Jpeg,
+    /// A PNG (any bit depth, normalized to 8-bit gray or RGB), pre-processed per [`image`].
+    Png,
+}
+
+impl PayloadFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadFormat::Raw => "raw",
+            PayloadFormat::Json => "json",
+            PayloadFormat::Jpeg => "jpeg",
+            PayloadFormat::Png => "png",
+        }
+    }
 }
 
 /// What to do with non-finite floats (NaN, ±inf) in a frame.
@@ -387,6 +403,9 @@ pub struct PipelineConfig {
     pub input: TopicFilter,
     pub output: TopicTemplate,
     pub format: PayloadFormat,
+    /// Image frames (jpeg, png, or raw with a declared geometry) and their pre-processing;
+    /// `None` for tensor frames.
+    pub image: Option<image::ImageConfig>,
     pub qos: Qos,
     pub max_payload: u64,
     pub nan: NanPolicy,
@@ -1178,9 +1197,18 @@ fn pipeline(
     let captures = input.as_ref().map_or(0, TopicFilter::wildcard_count);
     let output =
         template(Some(&mut s), p, "output", "edgeinfer/{device}/results/{pipeline}", captures);
-    let format = s
-        .choice(p, "format", &[("raw", PayloadFormat::Raw), ("json", PayloadFormat::Json)])
-        .unwrap_or(PayloadFormat::Json);
+    let format = s.choice(
+        p,
+        "format",
+        &[
+            ("raw", PayloadFormat::Raw),
+            ("json", PayloadFormat::Json),
+            ("jpeg", PayloadFormat::Jpeg),
+            ("png", PayloadFormat::Png),
+        ],
+    );
+    let image = image::parse(&mut s, p, format.unwrap_or(PayloadFormat::Json));
+    let format = format.unwrap_or(PayloadFormat::Json);
     let qos = qos(&mut s, p, "qos", Qos::AtLeastOnce);
     let max_payload =
         s.size(p, "max_payload", 1, broker.max_packet_size).unwrap_or(broker.max_packet_size);
@@ -1352,6 +1380,7 @@ fn pipeline(
         input: input?,
         output,
         format,
+        image,
         qos,
         max_payload,
         nan,

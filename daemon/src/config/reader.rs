@@ -99,6 +99,11 @@ impl<'a> Section<'a> {
         if self.path.is_empty() { key.to_string() } else { format!("{}.{key}", self.path) }
     }
 
+    /// Whether `key` is present (does not mark it as known).
+    pub fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     /// Raw access; marks the key as known.
     pub fn get(&mut self, key: &'a str) -> Option<&'a Value> {
         self.seen.insert(key);

@@ -79,7 +79,7 @@ policy = "drop_random"
         "broker.hots: unknown key; did you mean `host`?",
         "metrics.interval: expected a duration string",
         "pipelines.p.input: `#` is only allowed as the last level",
-        "pipelines.p.format: expected one of: raw, json (got \"protobuf\")",
+        "pipelines.p.format: expected one of: raw, json, jpeg, png (got \"protobuf\")",
         "pipelines.p.queue.capacity: must be between 1 and 1048576 (got 0)",
         "pipelines.p.queue.policy: expected one of: drop_oldest, drop_newest, block",
     ];
@@ -245,7 +245,18 @@ fn default_config_documents_exactly_the_known_keys() {
         }
     }
     walk("", &table, &mut documented);
-    let known = reader::KNOWN_KEYS.with(|k| k.borrow().clone());
+    // Keys of a pipeline are documented once, on whichever example pipeline shows them (the
+    // image keys live on the commented camera examples, not on the json `digits` pipeline).
+    fn any_pipeline(k: &str) -> String {
+        match k.strip_prefix("pipelines.").and_then(|r| r.split_once('.')) {
+            Some((_, rest)) => format!("pipelines.*.{rest}"),
+            None => k.to_string(),
+        }
+    }
+    let documented: std::collections::BTreeSet<String> =
+        documented.iter().map(|k| any_pipeline(k)).collect();
+    let known: std::collections::BTreeSet<String> =
+        reader::KNOWN_KEYS.with(|k| k.borrow().iter().map(|k| any_pipeline(k)).collect());
     let undocumented: Vec<&String> = known.iter().filter(|k| !documented.contains(*k)).collect();
     assert!(
         undocumented.is_empty(),
@@ -287,4 +298,81 @@ fn qos_2_is_refused_with_the_reason_and_spool_keys_parse() {
     assert_eq!(cfg.spool.commit_interval, Duration::from_millis(50));
     let p = problems(&format!("[spool]\nmax_size = \"1KiB\"\n{MINIMAL}"));
     assert!(p.iter().any(|m| m.contains("spool.max_size")), "{p:?}");
+}
+
+#[test]
+fn image_pipelines_parse_and_check_their_keys_against_each_other() {
+    let cfg = parse(&format!(
+        "{MINIMAL}format = \"jpeg\"\n[pipelines.p.preprocess]\n\
+         resize = {{ width = 640, height = 640, mode = \"letterbox\", pad = 114 }}\n\
+         color = \"bgr\"\nscale = 0.5\nmean = 0.25\nstd = [1, 2, 4]\nlayout = \"nhwc\"\n\
+         max_decoded = \"1MiB\"\n"
+    ))
+    .expect("jpeg pipeline");
+    let img = cfg.pipelines[0].image.as_ref().expect("image config");
+    let pre = &img.preprocess;
+    assert_eq!(
+        pre.resize,
+        Some(image::Resize {
+            width: 640,
+            height: 640,
+            mode: image::ResizeMode::Letterbox { pad: 114.0 }
+        })
+    );
+    assert_eq!(
+        (pre.color, pre.scale, pre.layout),
+        (image::ColorOrder::Bgr, 0.5, image::TensorLayout::Nhwc)
+    );
+    assert_eq!((pre.mean.clone(), pre.std.clone()), (vec![0.25], vec![1.0, 2.0, 4.0]));
+    assert_eq!(pre.max_decoded, 1 << 20);
+    // A plain png pipeline gets the default plan.
+    let cfg = parse(&format!("{MINIMAL}format = \"png\"\n")).expect("png");
+    assert_eq!(cfg.pipelines[0].image.as_ref().map(|i| i.preprocess.scale), Some(1.0));
+    assert!(parse(MINIMAL).expect("json").pipelines[0].image.is_none());
+    let raw = parse(&format!(
+        "{MINIMAL}format = \"raw\"\n[pipelines.p.raw]\nwidth = 4\nheight = 2\nchannels = 3\n\
+         dtype = \"i16\"\nlayout = \"chw\"\norder = \"bgr\"\n"
+    ))
+    .expect("raw image");
+    let r = raw.pipelines[0].image.as_ref().and_then(|i| i.raw).expect("raw geometry");
+    assert_eq!((r.width, r.height, r.channels, r.dtype), (4, 2, 3, image::SampleType::I16));
+
+    for (extra, needle) in [
+        (
+            "format = \"json\"\n[pipelines.p.preprocess]\nscale = 1\n",
+            "pipelines.p.preprocess: applies to image frames",
+        ),
+        ("format = \"raw\"\n[pipelines.p.preprocess]\nscale = 1\n", "pipelines.p.raw: missing"),
+        (
+            "format = \"jpeg\"\n[pipelines.p.raw]\nwidth = 1\nheight = 1\nchannels = 1\n",
+            "pipelines.p.raw: describes raw frames",
+        ),
+        (
+            "format = \"raw\"\n[pipelines.p.raw]\nwidth = 1\nheight = 1\nchannels = 4\n",
+            "4 channels are not supported",
+        ),
+        ("format = \"raw\"\n[pipelines.p.raw]\nwidth = 1\n", "pipelines.p.raw.height: missing"),
+        (
+            "format = \"png\"\n[pipelines.p.preprocess]\nresize = { width = 8, height = 8 }\n\
+             center_crop = { width = 9, height = 8 }\n",
+            "a 9x8 crop does not fit in the 8x8 resized image",
+        ),
+        (
+            "format = \"png\"\n[pipelines.p.preprocess]\nmean = [1, 2]\n",
+            "expected one number or one per channel (3 for color = \"rgb\")",
+        ),
+        ("format = \"png\"\n[pipelines.p.preprocess]\nstd = 0\n", "none zero"),
+        (
+            "format = \"png\"\n[pipelines.p.preprocess]\nresize = { width = 8, height = 8, pad = 1 }\n",
+            "pipelines.p.preprocess.resize.pad: unknown key",
+        ),
+        (
+            "format = \"raw\"\n[pipelines.p.raw]\nwidth = 4096\nheight = 4096\nchannels = 3\n\
+             [pipelines.p.preprocess]\nmax_decoded = \"1MiB\"\n",
+            "exceeds preprocess.max_decoded",
+        ),
+    ] {
+        let p = problems(&format!("{MINIMAL}{extra}"));
+        assert!(p.iter().any(|m| m.contains(needle)), "{extra}: {p:?}");
+    }
 }

@@ -1,12 +1,17 @@
 //! Payload decoding: wire bytes -> validated input buffers in the model's dtype and layout.
 //!
-//! Two formats:
+//! Tensor formats:
 //! - `raw`: the payload *is* the tensor (little-endian, C order, exactly the input's byte size).
 //!   It is kept as a zero-copy slice of the MQTT packet buffer.
 //! - `json`: `{"seq": 7, "ts": 1700000000123.5, "data": [...]}` for single-input models, or
 //!   `{"seq": 7, "inputs": {"a": [...], "b": [...]}}`; arrays nested to the input's shape or flat
 //!   with exactly the element count. Numbers stream straight into the little-endian buffer
 //!   (no intermediate `serde_json::Value` tree).
+//!
+//!
+//! Image formats (`jpeg`, `png`, and `raw` with a `[raw]` geometry): only cheap checks here
+//! (signature, exact size, non-finite samples); the payload is queued as it came and a worker
+//! decodes and pre-processes it into the input tensor ([`super::image`]).
 //!
 //! Every failure is a [`Reject`] with a reason and a one-line detail; nothing here panics on input.
 
@@ -21,6 +26,8 @@ use serde_json::value::RawValue;
 use smallvec::SmallVec;
 use tract_onnx::prelude::f16;
 
+use super::image::ImageInput;
+use crate::config::image::{ImageConfig, SampleType};
 use crate::config::{NanPolicy, PayloadFormat};
 use crate::model::{DType, TensorSpec};
 use crate::telemetry::RejectReason;
@@ -46,7 +53,7 @@ pub struct Reject {
 }
 
 impl Reject {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Self { reason, detail: detail.into(), seq: None }
     }
 }
@@ -58,6 +65,8 @@ pub struct Decoder {
     specs: Vec<TensorSpec>,
     max_payload: usize,
     nan: NanPolicy,
+    /// Image frames: what the workers decode and how they pre-process it.
+    image: Option<ImageInput>,
 }
 
 impl Decoder {
@@ -68,12 +77,19 @@ impl Decoder {
         max_payload: u64,
         nan: NanPolicy,
     ) -> Result<Self, String> {
-        if format == PayloadFormat::Raw && specs.len() != 1 {
+        if format != PayloadFormat::Json && specs.len() != 1 {
             let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
             return Err(format!(
-                "format \"raw\" carries exactly one input tensor, but the model has {} ({names:?}); \
+                "format \"{}\" carries exactly one input tensor, but the model has {} ({names:?}); \
                  use format = \"json\" with named inputs",
+                format.as_str(),
                 specs.len()
+            ));
+        }
+        if matches!(format, PayloadFormat::Jpeg | PayloadFormat::Png) {
+            return Err(format!(
+                "format \"{}\" needs a pre-processing plan (Decoder::with_image)",
+                format.as_str()
             ));
         }
         Ok(Self {
@@ -81,7 +97,42 @@ impl Decoder {
             specs,
             max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
             nan,
+            image: None,
         })
+    }
+
+    /// A decoder for image frames (`jpeg`, `png`, or `raw` with a declared geometry): compiles
+    /// the pre-processing plan against the model's single input, or says what disagrees.
+    pub fn with_image(
+        format: PayloadFormat,
+        specs: Vec<TensorSpec>,
+        max_payload: u64,
+        nan: NanPolicy,
+        image: &ImageConfig,
+    ) -> Result<Self, String> {
+        if format == PayloadFormat::Json {
+            return Err("json frames carry tensors, not images".into());
+        }
+        let [spec] = specs.as_slice() else {
+            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!(
+                "image frames feed exactly one input tensor, but the model has {} ({names:?})",
+                specs.len()
+            ));
+        };
+        let image = ImageInput::new(format, image, spec)?;
+        Ok(Self {
+            format,
+            specs,
+            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
+            nan,
+            image: Some(image),
+        })
+    }
+
+    /// The image input, when frames are images the workers decode.
+    pub fn image(&self) -> Option<&ImageInput> {
+        self.image.as_ref()
     }
 
     pub fn decode(&self, payload: Bytes) -> Result<Decoded, Reject> {
@@ -97,10 +148,35 @@ impl Decoder {
                 format!("payload is {} bytes, max_payload is {}", payload.len(), self.max_payload),
             ));
         }
-        match self.format {
-            PayloadFormat::Raw => self.decode_raw(payload),
-            PayloadFormat::Json => self.decode_json(&payload),
+        if let Some(img) = &self.image {
+            return self.check_image(img, payload);
         }
+        match self.format {
+            PayloadFormat::Json => self.decode_json(&payload),
+            _ => self.decode_raw(payload),
+        }
+    }
+
+    /// Image frames: cheap checks only, the payload is queued as it came (zero-copy).
+    fn check_image(&self, img: &ImageInput, payload: Bytes) -> Result<Decoded, Reject> {
+        img.check(&payload)?;
+        let float = match img.raw_dtype() {
+            Some(SampleType::F32) => Some(DType::F32),
+            Some(SampleType::F16) => Some(DType::F16),
+            _ => None,
+        };
+        if let Some(dt) = float
+            && self.nan == NanPolicy::Reject
+            && let Some(i) = first_non_finite(dt, &payload)
+        {
+            return Err(Reject::new(
+                RejectReason::NonFinite,
+                format!("sample {i} of the raw image is not finite (nan = \"reject\")"),
+            ));
+        }
+        let mut inputs = SmallVec::new();
+        inputs.push(payload);
+        Ok(Decoded { seq: None, ts: None, deadline_ms: None, inputs })
     }
 
     fn decode_raw(&self, payload: Bytes) -> Result<Decoded, Reject> {

@@ -8,8 +8,10 @@
 
 pub mod decode;
 pub mod dedup;
+pub mod image;
 pub mod output;
 pub mod overload;
+pub mod preprocess;
 pub mod queue;
 pub mod swap;
 mod worker;
@@ -154,7 +156,16 @@ impl Pipeline {
         errors: &ErrorsConfig,
         max_clock_skew: Duration,
     ) -> Result<Pipeline, String> {
-        let decoder = Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?;
+        let decoder = match &cfg.image {
+            Some(img) => Decoder::with_image(
+                cfg.format,
+                model.inputs.clone(),
+                cfg.max_payload,
+                cfg.nan,
+                img,
+            )?,
+            None => Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?,
+        };
         check_postprocess(&cfg, &model, &labels)?;
         let stats = PipelineStats::default();
         if let Some(l) = &cfg.slo.latency {

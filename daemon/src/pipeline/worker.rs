@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::image::ImageScratch;
 use super::output::{ResultMeta, ResultWriter};
 use super::queue::Pop;
 use super::{Frame, Pipeline, Publisher};
@@ -159,8 +160,11 @@ impl WorkerModel {
 }
 
 fn run(p: &Pipeline, mut m: WorkerModel, publisher: &dyn Publisher, progress: &AtomicU64) {
-    let mut scratch =
-        Scratch { payload: Vec::with_capacity(4096), topic: String::with_capacity(128) };
+    let mut scratch = Scratch {
+        payload: Vec::with_capacity(4096),
+        topic: String::with_capacity(128),
+        image: ImageScratch::default(),
+    };
     let mut frames: Vec<Frame> = Vec::with_capacity(p.cfg.max_batch.max(1));
     loop {
         m.refresh(p);
@@ -224,11 +228,23 @@ impl Pipeline {
     }
 }
 
-/// Per-worker reusable buffers: the serialized result and its output topic.
+/// Per-worker reusable buffers: the serialized result and its output topic, and for image
+/// pipelines the decoded pixels and sampling tables.
 #[derive(Default)]
 pub struct Scratch {
     pub payload: Vec<u8>,
     pub topic: String,
+    pub image: ImageScratch,
+}
+
+/// What [`Pipeline::copy_inputs`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filled {
+    Yes,
+    /// The payload was refused (counted and reported).
+    Rejected,
+    /// A bug (counted as an inference failure).
+    Failed,
 }
 
 impl Pipeline {
@@ -266,7 +282,7 @@ impl Pipeline {
         publisher: &dyn Publisher,
     ) {
         let started = Instant::now();
-        if !self.copy_inputs(session, &mut frame, 0) {
+        if self.copy_inputs(session, scratch, &mut frame, 0, publisher) != Filled::Yes {
             return;
         }
         let Some(inference) = self.run_session(session, std::slice::from_ref(&frame), publisher)
@@ -327,14 +343,22 @@ impl Pipeline {
         publisher: &dyn Publisher,
     ) {
         let started = Instant::now();
+        // Rows whose image did not decode: the row runs (its content is whatever it held) but
+        // no result is published for it; the frame was counted as rejected.
+        let mut rejected = 0u64;
         for (row, frame) in frames.iter_mut().enumerate() {
-            if !self.copy_inputs(session, frame, row) {
-                return;
+            match self.copy_inputs(session, scratch, frame, row, publisher) {
+                Filled::Yes => {}
+                Filled::Rejected => rejected |= 1 << row,
+                Filled::Failed => return,
             }
         }
         let Some(inference) = self.run_session(session, frames, publisher) else { return };
         self.stats.record_batch(frames.len(), inference);
         for (row, frame) in frames.iter().enumerate() {
+            if rejected & (1 << row) != 0 {
+                continue;
+            }
             let queue_wait = started.saturating_duration_since(frame.received);
             self.publish_result(
                 session, writer, scratch, frame, row, queue_wait, inference, publisher,
@@ -348,21 +372,55 @@ impl Pipeline {
     }
 
     /// Copies a frame's inputs into row `row` of the session's input tensors (one copy: wire
-    /// bytes or the JSON decoder's buffer -> the tensor), then releases the frame's buffers.
-    fn copy_inputs(&self, session: &mut Session, frame: &mut Frame, row: usize) -> bool {
+    /// bytes or the JSON decoder's buffer -> the tensor), or for image frames decodes and
+    /// pre-processes straight into it; then releases the frame's buffers.
+    fn copy_inputs(
+        &self,
+        session: &mut Session,
+        scratch: &mut Scratch,
+        frame: &mut Frame,
+        row: usize,
+        publisher: &dyn Publisher,
+    ) -> Filled {
+        if let Some(img) = self.decoder.image() {
+            let res = match frame.inputs.first() {
+                Some(payload) => {
+                    img.write(payload, &mut scratch.image, session.input_row_mut(0, row))
+                }
+                None => Ok(()),
+            };
+            frame.inputs.clear();
+            return match res {
+                Ok(()) => Filled::Yes,
+                Err(r) => {
+                    // The payload's fault, found by the worker: counted and reported like an
+                    // ingest reject (the frame leaves `in_flight` for `rejected`).
+                    self.stats.reject(r.reason);
+                    self.report_error(
+                        publisher,
+                        &frame.topic,
+                        r.reason.as_str(),
+                        &r.detail,
+                        frame.seq,
+                        true,
+                    );
+                    Filled::Rejected
+                }
+            };
+        }
         for (i, bytes) in frame.inputs.iter().enumerate() {
             let dst = session.input_row_mut(i, row);
             if dst.len() != bytes.len() {
                 // The decoder sized the buffer from the same spec; this is a bug, not bad input.
                 self.stats.fail(FailReason::Inference);
                 log::error!(pipeline = self.name(); "input {i} size mismatch {} != {}", dst.len(), bytes.len());
-                return false;
+                return Filled::Failed;
             }
             dst.copy_from_slice(bytes);
         }
         // Release the MQTT packet buffer before the (long) inference.
         frame.inputs.clear();
-        true
+        Filled::Yes
     }
 
     /// Runs the session; on failure counts and reports every frame in it.

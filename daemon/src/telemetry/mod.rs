@@ -19,7 +19,8 @@ use serde_json::{Map, Value, json};
 
 pub use histogram::{Histogram, Snapshot};
 
-/// Why a frame was refused before queueing (the payload itself is at fault).
+/// Why a frame was refused (the payload itself is at fault): at ingest, or for image frames when
+/// a worker decodes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     /// Zero-length payload (e.g. a cleared retained message).
@@ -36,10 +37,18 @@ pub enum RejectReason {
     NonFinite,
     /// Not parseable (invalid JSON, missing fields, wrong types).
     Malformed,
+    /// An image frame (jpeg/png) that does not decode: not the declared format, corrupt or
+    /// truncated data.
+    CorruptImage,
+    /// An image whose header declares more than `preprocess.max_decoded` samples
+    /// (`width * height * channels`), refused before any pixel buffer is allocated.
+    ImageTooLarge,
+    /// An image with a channel count the pipeline cannot use (alpha, CMYK).
+    WrongChannels,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Empty,
         RejectReason::Oversized,
         RejectReason::WrongSize,
@@ -47,6 +56,9 @@ impl RejectReason {
         RejectReason::WrongDtype,
         RejectReason::NonFinite,
         RejectReason::Malformed,
+        RejectReason::CorruptImage,
+        RejectReason::ImageTooLarge,
+        RejectReason::WrongChannels,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +70,9 @@ impl RejectReason {
             RejectReason::WrongDtype => "wrong_dtype",
             RejectReason::NonFinite => "non_finite",
             RejectReason::Malformed => "malformed",
+            RejectReason::CorruptImage => "corrupt_image",
+            RejectReason::ImageTooLarge => "image_too_large",
+            RejectReason::WrongChannels => "wrong_channels",
         }
     }
 }
