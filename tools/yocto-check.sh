@@ -104,6 +104,7 @@ done
 #    the bbappends gated on our distro override and cannot hold with our distro selected (a
 #    distro changes everything); and its world build of the dependency layers needs what our
 #    distro opts out of (gobject-introspection-data: meta-python's python3-dasbus needs pygobject).
+#    The kas build already lists meta-edgeinfer; it is removed first so the check adds it once.
 if [[ "${EDGEINFER_YOCTO_CHECK_LAYER:-0}" == 1 && $status -eq 0 ]]; then
   m="${machines[0]}"
   start=$(date +%s)
@@ -111,6 +112,7 @@ if [[ "${EDGEINFER_YOCTO_CHECK_LAYER:-0}" == 1 && $status -eq 0 ]]; then
       GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*' \
       "$kas" shell "$src/yocto/kas/$m.yml" -c '
         printf "\nBB_NO_NETWORK = \"1\"\nDISTRO = \"nodistro\"\n" >> conf/local.conf
+        bitbake-layers remove-layer "*/meta-edgeinfer" >/dev/null
         yocto-check-layer --no-auto-dependency --dependency $(bitbake-layers show-layers | awk "NR>3 && \$1 != \"edgeinfer\" {print \$2}") -- '"$src/yocto/meta-edgeinfer" \
       > "$work/check-layer.log" 2>&1; then
     echo "ok: yocto-check-layer meta-edgeinfer ($m, $(( $(date +%s) - start ))s): $(grep -E 'INFO: (meta-edgeinfer|SUMMARY)' "$work/check-layer.log" | tail -2 | tr '\n' ' ')"
