@@ -69,6 +69,22 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every element type, in declaration order.
+    pub const ALL: [DType; 12] = [
+        DType::F16,
+        DType::F32,
+        DType::F64,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+        DType::Bool,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -82,22 +98,7 @@ impl DType {
     /// Short name used in config, meta files and messages (`f32`, `i64`, ...).
     /// The inverse of [`DType::name`].
     pub fn from_name(name: &str) -> Option<DType> {
-        [
-            DType::F16,
-            DType::F32,
-            DType::F64,
-            DType::I8,
-            DType::I16,
-            DType::I32,
-            DType::I64,
-            DType::U8,
-            DType::U16,
-            DType::U32,
-            DType::U64,
-            DType::Bool,
-        ]
-        .into_iter()
-        .find(|d| d.name() == name)
+        DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
     pub fn name(self) -> &'static str {

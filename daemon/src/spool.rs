@@ -114,6 +114,25 @@ struct State {
     stop: bool,
 }
 
+impl State {
+    /// Takes everything in memory (oldest first), leaving an empty batch.
+    fn take_batch(&mut self) -> Vec<Record> {
+        self.batch_bytes = 0;
+        self.batch_since = None;
+        self.batch.drain(..).collect()
+    }
+
+    /// Puts `records` (oldest first) back in front of the batch: they are older than anything
+    /// offered meanwhile.
+    fn put_back(&mut self, records: impl DoubleEndedIterator<Item = Record>) {
+        for r in records.rev() {
+            self.batch_bytes += r.size();
+            self.batch.push_front(r);
+        }
+        self.batch_since.get_or_insert_with(Instant::now);
+    }
+}
+
 pub struct Spool {
     dir: PathBuf,
     cfg: SpoolConfig,
@@ -280,8 +299,7 @@ impl Spool {
         let mut st = self.lock();
         loop {
             if st.stop {
-                let batch: Vec<Record> = st.batch.drain(..).collect();
-                st.batch_bytes = 0;
+                let batch = st.take_batch();
                 drop(st);
                 if !batch.is_empty() {
                     let n = batch.len();
@@ -296,18 +314,12 @@ impl Spool {
                 && (st.batch_bytes >= SEAL_BYTES
                     || st.batch_since.is_some_and(|t| t.elapsed() >= self.cfg.commit_interval));
             if seal_due {
-                let batch: Vec<Record> = st.batch.drain(..).collect();
-                st.batch_bytes = 0;
-                st.batch_since = None;
+                let batch = st.take_batch();
                 drop(st);
                 if let Err(batch) = self.seal(batch) {
                     // The disk refused: keep the results in memory, bounded by max_size.
                     st = self.lock();
-                    for r in batch.into_iter().rev() {
-                        st.batch_bytes += r.size();
-                        st.batch.push_front(r);
-                    }
-                    st.batch_since = Some(Instant::now());
+                    st.put_back(batch.into_iter());
                     self.evict_memory(&mut st);
                     st = self.wait(st, Duration::from_secs(1));
                 } else {
@@ -357,9 +369,7 @@ impl Spool {
                     log::info!("spool: flushed; publishing directly again");
                     continue;
                 }
-                let batch: Vec<Record> = st.batch.drain(..).collect();
-                st.batch_bytes = 0;
-                st.batch_since = None;
+                let batch = st.take_batch();
                 drop(st);
                 let mut rest = batch.into_iter();
                 let mut failed = None;
@@ -385,11 +395,7 @@ impl Spool {
                 if let Some(first) = failed {
                     // Back in front, in order: the next attempt starts with them.
                     let left: Vec<Record> = std::iter::once(first).chain(rest).collect();
-                    for r in left.into_iter().rev() {
-                        st.batch_bytes += r.size();
-                        st.batch.push_front(r);
-                    }
-                    st.batch_since.get_or_insert_with(Instant::now);
+                    st.put_back(left.into_iter());
                     st = self.wait(st, Duration::from_millis(200));
                 }
                 continue;
@@ -784,12 +790,7 @@ mod tests {
 
     /// Seals what is in memory now (as the thread would after `commit_interval`).
     fn seal_now(spool: &Spool) {
-        let batch: Vec<Record> = {
-            let mut st = spool.lock();
-            st.batch_bytes = 0;
-            st.batch_since = None;
-            st.batch.drain(..).collect()
-        };
+        let batch = spool.lock().take_batch();
         assert!(spool.seal(batch).is_ok());
     }
 

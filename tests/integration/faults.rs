@@ -26,45 +26,73 @@ fn seq_of(v: &Value) -> u64 {
     v["seq"].as_u64().unwrap_or(u64::MAX)
 }
 
+/// The two spool tests' set-up: a daemon serving the slow fixture (~20 ms a frame) with a state
+/// directory and `extra` config, online on a fresh broker.
+struct SlowRig {
+    fx: Fixture,
+    state: tempfile::TempDir,
+    broker: Mosquitto,
+    cfg: String,
+    daemon: Daemon,
+}
+
+impl SlowRig {
+    fn start(device: &str, extra: &str) -> Self {
+        let fx = Fixture::load("slow").expect("fixture");
+        let state = tempfile::tempdir().expect("tmp");
+        let broker = Mosquitto::start().expect("mosquitto");
+        let pipeline = fx.pipeline(
+            "slow",
+            "s/+",
+            "r/{1}",
+            "format = \"raw\"\n[pipelines.slow.queue]\ncapacity = 500",
+        );
+        let cfg = with_state_dir(config(broker.port, device, &pipeline), state.path()) + extra;
+        let daemon = Daemon::start(&cfg).expect("daemon");
+        wait_online(broker.port, device);
+        SlowRig { fx, state, broker, cfg, daemon }
+    }
+
+    /// Publishes `n` frames from `dev` (topics `s/<i>`) and waits until the broker took them all.
+    fn publish(&self, dev: &MqttClient, n: usize) {
+        for i in 0..n {
+            dev.publish(
+                &format!("s/{i}"),
+                self.fx.samples[i % 2].inputs["x"].clone(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .expect("publish");
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || dev.pubacks() >= n as u64),
+            "frames not all accepted by the broker"
+        );
+    }
+
+    /// Fault injection: the broker dies with frames still queued in the daemon, which then
+    /// announces that results go to the spool.
+    fn kill_broker(&mut self) {
+        std::thread::sleep(Duration::from_millis(300));
+        self.broker.kill();
+        self.daemon.wait_log("results go to", Duration::from_secs(30)).expect("spooling announced");
+    }
+}
+
 /// Frames queued behind a slow model when the broker dies are served while it is down; their
 /// results go to the spool, are written to disk when the daemon stops, and are published in
 /// order by the next daemon on a fresh broker that knows nothing of the old session.
 #[test]
 fn results_survive_a_broker_outage_and_a_daemon_restart_in_the_spool() {
-    let fx = Fixture::load("slow").expect("fixture");
-    let state = tempfile::tempdir().expect("tmp");
-    let mut broker = Mosquitto::start().expect("mosquitto");
-    let pipeline = fx.pipeline(
-        "slow",
-        "s/+",
-        "r/{1}",
-        "format = \"raw\"\n[pipelines.slow.queue]\ncapacity = 500",
-    );
-    let cfg = with_state_dir(config(broker.port, "spool", &pipeline), state.path());
-    let mut daemon = Daemon::start(&cfg).expect("daemon");
-    wait_online(broker.port, "spool");
-    let obs = MqttClient::connect(broker.port, "obs-spool").expect("observer");
+    let mut rig = SlowRig::start("spool", "");
+    let obs = MqttClient::connect(rig.broker.port, "obs-spool").expect("observer");
     obs.subscribe("r/#").expect("subscribe");
-    let dev = MqttClient::connect(broker.port, "dev-spool").expect("device");
+    let dev = MqttClient::connect(rig.broker.port, "dev-spool").expect("device");
     let n = 120;
-    for i in 0..n {
-        dev.publish(
-            &format!("s/{i}"),
-            fx.samples[i % 2].inputs["x"].clone(),
-            QoS::AtLeastOnce,
-            false,
-        )
-        .expect("publish");
-    }
+    rig.publish(&dev, n);
     // Every frame has been delivered to the daemon once its queue holds them all.
     let first = obs.recv(Duration::from_secs(30)).expect("first result");
-    assert!(
-        eventually(Duration::from_secs(30), || dev.pubacks() >= n as u64),
-        "frames not all accepted by the broker"
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    // Fault injection: the broker dies with most frames still queued in the daemon.
-    broker.kill();
+    rig.kill_broker();
     let mut before: Vec<Value> = vec![first.json()];
     while let Some(m) = obs.recv(Duration::from_millis(200)) {
         before.push(m.json());
@@ -73,7 +101,7 @@ fn results_survive_a_broker_outage_and_a_daemon_restart_in_the_spool() {
     drop(dev);
     assert!(before.len() < n / 2, "the outage must catch queued frames ({} served)", before.len());
     // Let the daemon serve the queue into the spool, then stop it while the broker is down.
-    daemon.wait_log("results go to", Duration::from_secs(30)).expect("spooling announced");
+    let SlowRig { fx, state, mut broker, cfg, mut daemon } = rig;
     let spool_dir = state.path().join("spool");
     assert!(
         eventually(Duration::from_secs(60), || {
@@ -277,35 +305,12 @@ fn every_frame_gets_exactly_one_result_across_connection_faults() {
 /// results once, and nothing is left half-written.
 #[test]
 fn kill_9_while_spooling_leaves_only_whole_segments() {
-    let fx = Fixture::load("slow").expect("fixture");
-    let state = tempfile::tempdir().expect("tmp");
-    let mut broker = Mosquitto::start().expect("mosquitto");
-    let pipeline = fx.pipeline(
-        "slow",
-        "s/+",
-        "r/{1}",
-        "format = \"raw\"\n[pipelines.slow.queue]\ncapacity = 500",
-    );
-    let cfg = with_state_dir(config(broker.port, "k9", &pipeline), state.path())
-        + "\n[spool]\ncommit_interval = \"20ms\"\n";
-    let mut daemon = Daemon::start(&cfg).expect("daemon");
-    wait_online(broker.port, "k9");
-    let dev = MqttClient::connect(broker.port, "dev-k9").expect("device");
-    let n = 150;
-    for i in 0..n {
-        dev.publish(
-            &format!("s/{i}"),
-            fx.samples[i % 2].inputs["x"].clone(),
-            QoS::AtLeastOnce,
-            false,
-        )
-        .expect("publish");
-    }
-    assert!(eventually(Duration::from_secs(30), || dev.pubacks() >= n as u64));
+    let mut rig = SlowRig::start("k9", "\n[spool]\ncommit_interval = \"20ms\"\n");
+    let dev = MqttClient::connect(rig.broker.port, "dev-k9").expect("device");
+    rig.publish(&dev, 150);
     drop(dev);
-    std::thread::sleep(Duration::from_millis(300));
-    broker.kill();
-    daemon.wait_log("results go to", Duration::from_secs(30)).expect("spooling");
+    rig.kill_broker();
+    let SlowRig { state, mut broker, cfg, mut daemon, .. } = rig;
     let spool_dir = state.path().join("spool");
     let segments = || {
         std::fs::read_dir(&spool_dir)

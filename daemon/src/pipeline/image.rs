@@ -24,7 +24,7 @@ use zune_core::options::DecoderOptions;
 use super::decode::Reject;
 use super::preprocess::{ImageView, Plan, PlanScratch};
 use crate::config::PayloadFormat;
-use crate::config::image::{ColorOrder, ImageConfig, PixelLayout, RawImage, SampleType};
+use crate::config::image::{ImageConfig, PixelLayout, RawImage, SampleType};
 use crate::model::TensorSpec;
 use crate::telemetry::RejectReason;
 
@@ -190,15 +190,7 @@ pub fn decode_jpeg<'b>(
     }
     let px = sized(buf, n);
     d.decode_into(px).map_err(|e| corrupt(&e))?;
-    Ok(ImageView {
-        bytes: &buf[..n],
-        dtype: SampleType::U8,
-        width: w,
-        height: h,
-        channels: c,
-        layout: PixelLayout::Hwc,
-        order: ColorOrder::Rgb,
-    })
+    Ok(ImageView::u8_hwc(&buf[..n], w, h, c))
 }
 
 /// Width, height, color type and bit depth from a PNG's IHDR (the first chunk, fixed offsets).
@@ -265,15 +257,7 @@ pub fn decode_png<'b>(
     }
     let px = sized(buf, n);
     r.next_frame(px).map_err(|e| corrupt(&e))?;
-    Ok(ImageView {
-        bytes: &buf[..n],
-        dtype: SampleType::U8,
-        width: w,
-        height: h,
-        channels: c,
-        layout: PixelLayout::Hwc,
-        order: ColorOrder::Rgb,
-    })
+    Ok(ImageView::u8_hwc(&buf[..n], w, h, c))
 }
 
 #[cfg(test)]
@@ -281,7 +265,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::config::image::{Preprocess, Resize, ResizeMode, TensorLayout};
+    use crate::config::image::{ColorOrder, Preprocess, Resize, ResizeMode, TensorLayout};
     use crate::model::{DType, Dim};
 
     fn dir() -> PathBuf {

@@ -46,6 +46,21 @@ pub struct ImageView<'a> {
     pub order: ColorOrder,
 }
 
+impl<'a> ImageView<'a> {
+    /// 8-bit interleaved (HWC) RGB or gray pixels, as the JPEG and PNG decoders produce them.
+    pub fn u8_hwc(bytes: &'a [u8], width: usize, height: usize, channels: usize) -> Self {
+        ImageView {
+            bytes,
+            dtype: SampleType::U8,
+            width,
+            height,
+            channels,
+            layout: PixelLayout::Hwc,
+            order: ColorOrder::Rgb,
+        }
+    }
+}
+
 /// One output coordinate's two source taps along an axis.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tap {
@@ -464,15 +479,7 @@ mod tests {
     }
 
     fn view(bytes: &[u8], w: usize, h: usize, c: usize) -> ImageView<'_> {
-        ImageView {
-            bytes,
-            dtype: SampleType::U8,
-            width: w,
-            height: h,
-            channels: c,
-            layout: PixelLayout::Hwc,
-            order: ColorOrder::Rgb,
-        }
+        ImageView::u8_hwc(bytes, w, h, c)
     }
 
     fn f32s(b: &[u8]) -> Vec<f32> {

@@ -81,6 +81,14 @@ fn sample(i: usize) -> (Vec<f32>, Vec<f32>) {
     (read("input.pixels.bin"), read("output.probabilities.bin"))
 }
 
+/// Closes the queue and joins the workers once they have served what is in it.
+fn stop(p: &Pipeline, workers: Vec<WorkerHandle>) {
+    p.queue.close();
+    for w in workers {
+        w.thread.join().expect("worker");
+    }
+}
+
 fn wait_idle(p: &Pipeline) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !p.queue.is_idle() {
@@ -130,10 +138,7 @@ fn json_frames_are_served_with_reference_outputs_and_labels() {
     }
     assert_eq!(p.stats.served.load(Ordering::Relaxed), 8);
     assert_eq!(p.stats.queue_wait.snapshot().count(), 8);
-    p.queue.close();
-    for w in workers {
-        w.thread.join().expect("worker");
-    }
+    stop(&p, workers);
 }
 
 #[test]
@@ -171,10 +176,7 @@ fn raw_frames_and_rejections_are_counted_and_reported() {
     assert_eq!(p.stats.rejected(RejectReason::Empty), 1);
     assert_eq!(p.stats.rejected(RejectReason::NonFinite), 1);
     assert_eq!(p.stats.served.load(Ordering::Relaxed), 1);
-    p.queue.close();
-    for w in workers {
-        w.thread.join().expect("worker");
-    }
+    stop(&p, workers);
 }
 
 #[test]
@@ -513,10 +515,7 @@ fn image_frames_are_decoded_by_workers_and_bad_ones_rejected_there() {
     }
     assert_eq!(p.stats.rejected(RejectReason::CorruptImage), 2);
     assert_eq!(p.stats.rejected(RejectReason::ImageTooLarge), 1);
-    p.queue.close();
-    for w in workers {
-        w.thread.join().expect("worker");
-    }
+    stop(&p, workers);
 }
 
 /// A frame whose image fails in the worker, taken in a batch with good ones, costs only its own

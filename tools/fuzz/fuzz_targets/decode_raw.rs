@@ -8,21 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, payload)) = data.split_first() else { return };
-    let dtypes = [
-        DType::F16,
-        DType::F32,
-        DType::F64,
-        DType::I8,
-        DType::I16,
-        DType::I32,
-        DType::I64,
-        DType::U8,
-        DType::U16,
-        DType::U32,
-        DType::U64,
-        DType::Bool,
-    ];
-    let dtype = dtypes[usize::from(sel) % dtypes.len()];
+    let dtype = DType::ALL[usize::from(sel) % DType::ALL.len()];
     let shape = vec![1, 2, 3];
     let spec = TensorSpec {
         name: "x".into(),

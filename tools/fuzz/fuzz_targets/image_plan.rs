@@ -38,7 +38,8 @@ fuzz_target!(|data: &[u8]| {
         _ => Some(Resize { width: ow, height: oh, mode: ResizeMode::Letterbox { pad: 7.0 } }),
     };
     let layout = if head[7] & 1 == 0 { TensorLayout::Nchw } else { TensorLayout::Nhwc };
-    let dtype = [DType::F32, DType::F16, DType::F64, DType::U8, DType::I8][usize::from(head[7] >> 1) % 5];
+    let dtype =
+        [DType::F32, DType::F16, DType::F64, DType::U8, DType::I8][usize::from(head[7] >> 1) % 5];
     let c = color.channels();
     let shape = match layout {
         TensorLayout::Nchw => vec![1, c, oh, ow],
