@@ -57,7 +57,7 @@ tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer" \
   image/ota/edgeinfer-ota-commit.service image/ota/edgeinfer-ota-rollback.service \
   image/ota/edgeinfer-ota:/usr/libexec/edgeinfer-ota/edgeinfer-ota \
   image/ota/edgeinfer-health-gate-ota.conf:/usr/lib/systemd/system/edgeinfer-health-gate.service.d/ota.conf
-echo "== Yocto crates include matches Cargo.lock"
+echo "== Yocto crates and licenses includes match Cargo.lock"
 python3 tools/yocto-crates.py --check
 echo "== tests (unit + integration against a real mosquitto)"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"

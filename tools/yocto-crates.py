@@ -1,18 +1,29 @@
 #!/usr/bin/env python3
 """Writes the Yocto recipe's crate list from Cargo.lock, offline.
 
-    tools/yocto-crates.py            regenerate yocto/meta-edgeinfer/.../edgeinfer-crates.inc
-    tools/yocto-crates.py --check    exit 1 (with a diff) when the committed file has drifted
+    tools/yocto-crates.py            regenerate edgeinfer-crates.inc and edgeinfer-licenses.inc
+    tools/yocto-crates.py --check    exit 1 (with a diff) when a committed file has drifted
 
 The output is byte for byte what oe-core's `bitbake -c update_crates edgeinfer`
 (cargo-update-recipe-crates.bbclass) writes: one `crate://crates.io/NAME/VERSION` SRC_URI entry
 per registry package in Cargo.lock and its `sha256sum` from the lock's `checksum`, so either tool
 can refresh it and do_fetch pins every crate (no network in do_compile: cargo runs --frozen on the
-vendored crates). Needs only Python >= 3.11 (tomllib); no network, no cargo.
+vendored crates). Needs only Python >= 3.11 (tomllib); no network.
+
+edgeinfer-licenses.inc sets the recipe's LICENSE: the workspace's own license AND the license
+expression of every crate linked into the binary (from `cargo metadata` for the device target
+with every feature a PACKAGECONFIG can turn on; proc-macro crates and build/dev dependencies are
+left out because no code of theirs ships), each distinct expression once, in Yocto syntax
+(`|`, `&`). A crate license outside LICENSE_IDS (all in oe-core's common-licenses) fails the
+generation: a new license is a review decision, not something to pick up silently. This part
+runs `cargo metadata` (offline once the crates are fetched).
 """
 
 import difflib
+import json
 import os
+import re
+import subprocess
 import sys
 import tomllib
 
@@ -21,7 +32,19 @@ LOCK = os.path.join(ROOT, "Cargo.lock")
 OUT = os.path.join(
     ROOT, "yocto", "meta-edgeinfer", "recipes-inference", "edgeinfer", "edgeinfer-crates.inc"
 )
+LICENSES_OUT = os.path.join(os.path.dirname(OUT), "edgeinfer-licenses.inc")
 PN = "edgeinfer"
+# The device target and the features PACKAGECONFIG offers (recipe: demo, mimalloc, multithread).
+TARGET = "aarch64-unknown-linux-gnu"
+FEATURES = ["demo", "mimalloc", "multithread"]
+# SPDX ids accepted in a linked crate's license; every one has a text in oe-core's
+# meta/files/common-licenses (wrynose), so bitbake's license checks and manifests find them.
+LICENSE_IDS = {
+    "0BSD", "Apache-2.0", "BlueOak-1.0.0", "BSD-2-Clause", "BSD-3-Clause", "BSL-1.0",
+    "CC0-1.0", "ISC", "MIT", "Unicode-3.0", "Unlicense", "Zlib",
+}
+# `A WITH exception` pairs, mapped to oe-core's license names.
+WITH_EXCEPTIONS = {("Apache-2.0", "LLVM-exception"): "Apache-2.0-with-LLVM-exception"}
 
 
 def render(lock_path: str) -> str:
@@ -49,33 +72,154 @@ def render(lock_path: str) -> str:
     )
 
 
-def main(argv: list[str]) -> int:
-    if argv not in ([], ["--check"]):
-        print(__doc__.strip(), file=sys.stderr)
-        return 64
-    want = render(LOCK)
-    rel = os.path.relpath(OUT, ROOT)
-    if argv == ["--check"]:
+def yocto_license(spdx: str, crate: str) -> set[str]:
+    """One crate's SPDX expression (or legacy `A/B`) in Yocto syntax, as its set of top-level
+    AND factors (each an id or a parenthesised `|` group), operands sorted."""
+    tokens = re.findall(r"\(|\)|[^\s()]+", spdx.replace("/", " OR "))
+    pos = 0
+
+    def fail(why: str):
+        raise SystemExit(f"error: crate {crate}: license {spdx!r}: {why}")
+
+    def atom() -> frozenset:
+        nonlocal pos
+        if pos >= len(tokens):
+            fail("unexpected end")
+        tok = tokens[pos]
+        pos += 1
+        if tok == "(":
+            inner = expr()
+            if pos >= len(tokens) or tokens[pos] != ")":
+                fail("unbalanced parenthesis")
+            pos += 1
+            return inner
+        if tok in ("OR", "AND", "WITH", ")"):
+            fail(f"unexpected {tok}")
+        if pos < len(tokens) and tokens[pos] == "WITH":
+            exc = tokens[pos + 1] if pos + 1 < len(tokens) else ""
+            pos += 2
+            name = WITH_EXCEPTIONS.get((tok, exc))
+            if name is None:
+                fail(f"exception {exc!r} is not mapped; add it to WITH_EXCEPTIONS after review")
+            return frozenset({("id", name)})
+        if tok not in LICENSE_IDS:
+            fail(f"{tok!r} is not an accepted license; review it and add it to LICENSE_IDS")
+        return frozenset({("id", tok)})
+
+    # A node is a frozenset of ("id", name) / ("and", frozenset) / ("or", frozenset) items; a
+    # bare frozenset is an AND of its items at the top level, an OR inside "or".
+    def term() -> frozenset:
+        nonlocal pos
+        factors = set(atom())
+        while pos < len(tokens) and tokens[pos] == "AND":
+            pos += 1
+            factors |= atom()
+        return frozenset(factors)
+
+    def expr() -> frozenset:
+        nonlocal pos
+        alts = {term()}
+        while pos < len(tokens) and tokens[pos] == "OR":
+            pos += 1
+            alts.add(term())
+        if len(alts) == 1:
+            return next(iter(alts))
+        return frozenset({("or", frozenset(alts))})
+
+    def show(item) -> str:
+        kind, val = item
+        if kind == "id":
+            return val
+        return "(" + " | ".join(sorted(show_and(a) for a in val)) + ")"
+
+    def show_and(factors: frozenset) -> str:
+        parts = sorted(show(f) for f in factors)
+        return parts[0] if len(parts) == 1 else "(" + " & ".join(parts) + ")"
+
+    top = expr()
+    if pos != len(tokens):
+        fail(f"trailing {tokens[pos]!r}")
+    return {show(f) for f in top}
+
+
+def render_licenses() -> str:
+    cmd = [
+        "cargo", "metadata", "--format-version", "1", "--locked",
+        "--manifest-path", os.path.join(ROOT, "Cargo.toml"),
+        "--filter-platform", TARGET, "--features", ",".join(FEATURES),
+    ]
+    try:
+        meta = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{e.stderr}")
+    pkgs = {p["id"]: p for p in meta["packages"]}
+    nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
+    root = next(p for p in meta["packages"] if p["name"] == PN and p["source"] is None)
+    own = sorted(yocto_license(root["license"], PN))
+    linked, todo = set(), [root["id"]]
+    while todo:
+        pid = todo.pop()
+        if pid in linked:
+            continue
+        linked.add(pid)
+        for dep in nodes[pid]["deps"]:
+            normal = any(k["kind"] is None for k in dep["dep_kinds"])
+            target_kinds = {k for t in pkgs[dep["pkg"]]["targets"] for k in t["kind"]}
+            if normal and target_kinds != {"proc-macro"}:
+                todo.append(dep["pkg"])
+    crates = [pkgs[i] for i in linked if pkgs[i]["source"] is not None]
+    missing = sorted(p["name"] for p in crates if not p.get("license"))
+    if missing:
+        raise SystemExit(f"error: crates without an SPDX license field: {', '.join(missing)}")
+    exprs = set().union(*(yocto_license(p["license"], p["name"]) for p in crates)) - set(own)
+    terms = own + sorted(exprs, key=lambda e: (e.startswith("("), e))
+    body = " \\\n           & ".join(terms)
+    return (
+        "# Generated by tools/yocto-crates.py from `cargo metadata` (target "
+        f"{TARGET}, features {', '.join(FEATURES)}):\n"
+        f"# the workspace's license and those of the {len(crates)} crates linked into the binary,\n"
+        "# each distinct expression once. Regenerate whenever Cargo.lock changes (CI checks drift).\n"
+        f'LICENSE = "{body}"\n'
+    )
+
+
+def check_or_write(path: str, want: str, source: str, what: str, check: bool) -> bool:
+    rel = os.path.relpath(path, ROOT)
+    if check:
         try:
-            with open(OUT, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 have = f.read()
         except FileNotFoundError:
             have = ""
         if have != want:
             sys.stdout.writelines(
                 difflib.unified_diff(
-                    have.splitlines(keepends=True), want.splitlines(keepends=True), rel, "Cargo.lock"
+                    have.splitlines(keepends=True), want.splitlines(keepends=True), rel, source
                 )
             )
-            print(f"FAIL: {rel} is out of date with Cargo.lock; run tools/yocto-crates.py")
-            return 1
-        n = want.count("crate://")
-        print(f"ok: {rel} matches Cargo.lock ({n} crates)")
-        return 0
-    with open(OUT, "w", encoding="utf-8") as f:
+            print(f"FAIL: {rel} is out of date with {source}; run tools/yocto-crates.py")
+            return False
+        print(f"ok: {rel} matches {source} ({what})")
+        return True
+    with open(path, "w", encoding="utf-8") as f:
         f.write(want)
-    print(f"wrote {rel} ({want.count('crate://')} crates)")
-    return 0
+    print(f"wrote {rel} ({what})")
+    return True
+
+
+def main(argv: list[str]) -> int:
+    if argv not in ([], ["--check"]):
+        print(__doc__.strip(), file=sys.stderr)
+        return 64
+    check = argv == ["--check"]
+    crates = render(LOCK)
+    licenses = render_licenses()
+    ok = check_or_write(OUT, crates, "Cargo.lock", f"{crates.count('crate://')} crates", check)
+    n_terms = licenses.count("&") + 1
+    ok &= check_or_write(
+        LICENSES_OUT, licenses, "cargo metadata", f"{n_terms} license terms", check
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

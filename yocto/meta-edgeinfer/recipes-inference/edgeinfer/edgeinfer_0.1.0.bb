@@ -5,9 +5,9 @@ DESCRIPTION = "edgeinfer runs ONNX models (tract, pure Rust) on frames that sens
 HOMEPAGE = "https://example.invalid/edgeinfer"
 BUGTRACKER = "https://example.invalid/edgeinfer/issues"
 SECTION = "console/network"
-# The workspace's license (Cargo.toml: Apache-2.0). The crates compiled in carry their own
-# (MIT, Apache-2.0, BSD, ISC, Unicode-3.0, ...): see the layer README.
-LICENSE = "Apache-2.0"
+# LICENSE: the workspace's (Apache-2.0) and every license of the crates linked into the static
+# binary, generated from Cargo.lock/cargo metadata by tools/yocto-crates.py (CI checks drift).
+require ${BPN}-licenses.inc
 LIC_FILES_CHKSUM = "file://LICENSE;md5=9c906197621ff6c11095fe41415ecad6"
 CVE_PRODUCT = "edgeinfer"
 
