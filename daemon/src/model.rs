@@ -720,6 +720,12 @@ impl<'a> OutputTensor<'a> {
         }
     }
 
+    /// A view of little-endian tensor bytes (tests build outputs without running a model).
+    #[cfg(test)]
+    pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &'a [u8]) -> Self {
+        OutputTensor { shape: shape.iter().copied().collect(), dtype: Some(dtype), bytes }
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, PostProcess, Problem};
+use crate::config::{Config, Problem};
 use crate::model::{LoadOptions, Model, ModelError};
 use crate::mqtt::{self, MqttError, MqttPublisher};
 use crate::pipeline::{Pipeline, Publisher, WorkerHandle};
@@ -209,18 +209,15 @@ fn load_pipeline(
             model.optimize_time,
             warm
         );
-        let labels = match &pc.postprocess {
-            PostProcess::Classification(c) => match &c.labels {
-                Some(path) => std::fs::read_to_string(path)
-                    .map(|t| crate::pipeline::output::read_labels(&t))
-                    .map_err(|source| AppError::Labels {
-                        pipeline: pc.name.clone(),
-                        path: path.clone(),
-                        source,
-                    })?,
-                None => Vec::new(),
-            },
-            PostProcess::Raw => Vec::new(),
+        let labels = match pc.postprocess.labels() {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| crate::pipeline::output::read_labels(&t))
+                .map_err(|source| AppError::Labels {
+                    pipeline: pc.name.clone(),
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            None => Vec::new(),
         };
         let batched = batch_models(pc, &model, cache)?;
         Ok((model, labels, batched))

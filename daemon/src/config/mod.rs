@@ -366,6 +366,52 @@ pub enum PostProcess {
     /// Every output tensor as name, shape and data.
     Raw,
     Classification(ClassificationConfig),
+    Detection(DetectionConfig),
+}
+
+impl PostProcess {
+    /// The labels file, when the post-processing names classes.
+    pub fn labels(&self) -> Option<&Path> {
+        match self {
+            PostProcess::Raw => None,
+            PostProcess::Classification(c) => c.labels.as_deref(),
+            PostProcess::Detection(d) => d.labels.as_deref(),
+        }
+    }
+}
+
+/// The output layout of a YOLO-style detector (both as their ONNX exports write them, decode
+/// included: boxes are `cx, cy, w, h` in input pixels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YoloLayout {
+    /// `[1, 4 + classes, anchors]` (or transposed): box, then per-class scores (sigmoid applied).
+    V8,
+    /// `[1, anchors, 5 + classes]` (or transposed): box, objectness, then per-class scores;
+    /// a box's score is objectness x class score.
+    V5,
+}
+
+/// `kind = "detection"`: decode, score threshold, non-maximum suppression, boxes in source
+/// pixels.
+#[derive(Debug, Clone)]
+pub struct DetectionConfig {
+    pub layout: YoloLayout,
+    /// One label per line; line N names class N (and fixes the class count).
+    pub labels: Option<PathBuf>,
+    /// Which output holds the predictions (default: the first).
+    pub output: Option<String>,
+    /// A box is a candidate when its best class score is above this (v5: objectness too).
+    pub score_threshold: f32,
+    /// A candidate is suppressed by a better one of the same class overlapping more than this.
+    pub iou_threshold: f32,
+    /// Detections published per frame, best first.
+    pub max_detections: usize,
+    /// Candidates entering NMS, best first (bounds its cost on a noisy frame).
+    pub max_candidates: usize,
+    /// Suppress across classes (one box per object whatever its class).
+    pub class_agnostic: bool,
+    /// Also publish the raw output tensors.
+    pub include_outputs: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -531,9 +577,7 @@ impl Config {
         };
         for pl in &self.pipelines {
             check(format!("pipelines.{}.model", pl.name), &pl.model);
-            if let PostProcess::Classification(c) = &pl.postprocess
-                && let Some(l) = &c.labels
-            {
+            if let Some(l) = pl.postprocess.labels() {
                 check(format!("pipelines.{}.postprocess.labels", pl.name), l);
             }
         }
@@ -1276,18 +1320,40 @@ fn pipeline(
     let postprocess = match s.table(p, "postprocess") {
         None => PostProcess::Raw,
         Some(mut pp) => {
-            let kind = pp.choice(p, "kind", &[("raw", 0), ("classification", 1)]).unwrap_or(0);
-            let out = if kind == 1 {
-                let c = ClassificationConfig {
+            let kind = pp
+                .choice(p, "kind", &[("raw", 0), ("classification", 1), ("detection", 2)])
+                .unwrap_or(0);
+            let out = match kind {
+                1 => PostProcess::Classification(ClassificationConfig {
                     top_k: pp.int(p, "top_k", 1, 1000).map_or(5, |n| n as usize),
                     labels: pp.string(p, "labels").map(|l| resolve(base, l)),
                     output: pp.string(p, "output").map(str::to_string),
                     softmax: pp.bool(p, "softmax").unwrap_or(false),
                     include_outputs: pp.bool(p, "include_outputs").unwrap_or(true),
-                };
-                PostProcess::Classification(c)
-            } else {
-                PostProcess::Raw
+                }),
+                2 => PostProcess::Detection(DetectionConfig {
+                    layout: pp
+                        .choice(
+                            p,
+                            "layout",
+                            &[("yolov8", YoloLayout::V8), ("yolov5", YoloLayout::V5)],
+                        )
+                        .unwrap_or(YoloLayout::V8),
+                    labels: pp.string(p, "labels").map(|l| resolve(base, l)),
+                    output: pp.string(p, "output").map(str::to_string),
+                    score_threshold: pp.float(p, "score_threshold", 0.0, 1.0).unwrap_or(0.25)
+                        as f32,
+                    iou_threshold: pp.float(p, "iou_threshold", 0.0, 1.0).unwrap_or(0.45) as f32,
+                    max_detections: pp
+                        .int(p, "max_detections", 1, 10_000)
+                        .map_or(100, |n| n as usize),
+                    max_candidates: pp
+                        .int(p, "max_candidates", 1, 1_000_000)
+                        .map_or(30_000, |n| n as usize),
+                    class_agnostic: pp.bool(p, "class_agnostic").unwrap_or(false),
+                    include_outputs: pp.bool(p, "include_outputs").unwrap_or(false),
+                }),
+                _ => PostProcess::Raw,
             };
             pp.finish(p);
             out

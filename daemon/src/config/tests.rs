@@ -376,3 +376,37 @@ fn image_pipelines_parse_and_check_their_keys_against_each_other() {
         assert!(p.iter().any(|m| m.contains(needle)), "{extra}: {p:?}");
     }
 }
+
+#[test]
+fn detection_postprocess_parses_with_defaults_and_checks_ranges() {
+    let cfg = parse(&format!("{MINIMAL}[pipelines.p.postprocess]\nkind = \"detection\"\n"))
+        .expect("detection defaults");
+    let PostProcess::Detection(d) = &cfg.pipelines[0].postprocess else {
+        panic!("not detection: {:?}", cfg.pipelines[0].postprocess)
+    };
+    assert_eq!(d.layout, YoloLayout::V8);
+    assert_eq!((d.score_threshold, d.iou_threshold), (0.25, 0.45));
+    assert_eq!((d.max_detections, d.max_candidates), (100, 30_000));
+    assert!(!d.class_agnostic && !d.include_outputs && d.labels.is_none());
+    let cfg = parse(&format!(
+        "{MINIMAL}[pipelines.p.postprocess]\nkind = \"detection\"\nlayout = \"yolov5\"\n\
+         labels = \"/etc/edgeinfer/coco.txt\"\nclass_agnostic = true\nmax_detections = 5\n"
+    ))
+    .expect("detection");
+    let PostProcess::Detection(d) = &cfg.pipelines[0].postprocess else { panic!("not detection") };
+    assert_eq!(d.layout, YoloLayout::V5);
+    assert_eq!(cfg.pipelines[0].postprocess.labels(), Some(Path::new("/etc/edgeinfer/coco.txt")));
+    assert!(d.class_agnostic && d.max_detections == 5);
+    let p = problems(&format!(
+        "{MINIMAL}[pipelines.p.postprocess]\nkind = \"detection\"\nlayout = \"yolox\"\n\
+         iou_threshold = 1.5\nmax_detections = 0\ntop_k = 3\n"
+    ));
+    for needle in [
+        "postprocess.layout",
+        "postprocess.iou_threshold",
+        "postprocess.max_detections",
+        "postprocess.top_k",
+    ] {
+        assert!(p.iter().any(|m| m.contains(needle)), "{needle}: {p:?}");
+    }
+}

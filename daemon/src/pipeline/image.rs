@@ -22,7 +22,7 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 
 use super::decode::Reject;
-use super::preprocess::{ImageView, Plan, PlanScratch};
+use super::preprocess::{ImageView, Plan, PlanScratch, SourceMap};
 use crate::config::PayloadFormat;
 use crate::config::image::{ImageConfig, PixelLayout, RawImage, SampleType};
 use crate::model::TensorSpec;
@@ -102,13 +102,14 @@ impl ImageInput {
         }
     }
 
-    /// Decodes `payload` and writes the pre-processed tensor row into `out`.
+    /// Decodes `payload` and writes the pre-processed tensor row into `out`; returns where the
+    /// input's pixels came from in the image.
     pub fn write(
         &self,
         payload: &[u8],
         scratch: &mut ImageScratch,
         out: &mut [u8],
-    ) -> Result<(), Reject> {
+    ) -> Result<SourceMap, Reject> {
         self.check(payload)?;
         let budget = self.plan.max_decoded();
         let view = match (self.format, self.raw) {

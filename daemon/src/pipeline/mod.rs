@@ -8,6 +8,7 @@
 
 pub mod decode;
 pub mod dedup;
+pub mod detect;
 pub mod image;
 pub mod output;
 pub mod overload;

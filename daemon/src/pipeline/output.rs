@@ -3,7 +3,8 @@
 //! Result message (JSON, one per served frame, on the pipeline's output topic):
 //! `{"pipeline", "model": {"name","version","sha256"}, "topic", "frame", "seq"?, "ts"?,
 //!   "received_us", "timing_us": {"queue","inference","total"},
-//!   "outputs": [{"name","dtype","shape","data"}], "top_k"?: [{"index","label","score"}]}`.
+//!   "outputs": [{"name","dtype","shape","data"}], "top_k"?: [{"index","label","score"}],
+//!   "image"?: {"width","height"}, "detections"?: [{"class","label","score","box"}]}`.
 //! Error message (on the error topic): `{"pipeline","topic","reason","detail","seq"?,"at_us"}`.
 //! Both formats are documented in `docs/messages.md`.
 
@@ -12,7 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::ser::{SerializeSeq, Serializer};
 
-use crate::config::{ClassificationConfig, PostProcess};
+use super::detect::{self, DetectScratch, Detection};
+use super::preprocess::SourceMap;
+use crate::config::{ClassificationConfig, DetectionConfig, PostProcess};
 use crate::model::{DType, Model, OutputTensor, Session};
 
 /// Microseconds since the Unix epoch.
@@ -32,6 +35,9 @@ pub struct ResultMeta<'a> {
     pub queue_us: u64,
     pub inference_us: u64,
     pub total_us: u64,
+    /// Image frames: where the model's input pixels came from (detection boxes are mapped
+    /// through it to source pixels).
+    pub source: Option<SourceMap>,
 }
 
 /// Turns a finished inference into the result JSON. One per worker; its scratch space is reused.
@@ -42,6 +48,7 @@ pub struct ResultWriter {
     score_output: usize,
     output_names: Vec<String>,
     scratch: Vec<(usize, f64)>,
+    detect: DetectScratch,
     /// The model results are stamped with (the one this writer was built for).
     model_name: String,
     model_version: String,
@@ -54,19 +61,27 @@ impl ResultWriter {
     pub fn new(post: PostProcess, labels: Vec<String>, model: &Model) -> Result<Self, String> {
         let output_names: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
         let score_output = match &post {
-            PostProcess::Classification(ClassificationConfig { output: Some(name), .. }) => {
+            PostProcess::Classification(ClassificationConfig { output: Some(name), .. })
+            | PostProcess::Detection(DetectionConfig { output: Some(name), .. }) => {
                 output_names.iter().position(|n| n == name).ok_or_else(|| {
                     format!("postprocess.output names `{name}`, but the model's outputs are {output_names:?}")
                 })?
             }
             _ => 0,
         };
+        if let PostProcess::Detection(d) = &post {
+            let out = model.outputs.get(score_output).ok_or("the model has no outputs")?;
+            let classes = (!labels.is_empty()).then_some(labels.len());
+            detect::geometry(d.layout, &out.shape, classes)
+                .map_err(|e| format!("detection output `{}`: {e}", out.name))?;
+        }
         Ok(Self {
             post,
             labels,
             score_output,
             output_names,
             scratch: Vec::new(),
+            detect: DetectScratch::default(),
             model_name: model.name.clone(),
             model_version: model.version.clone(),
             model_sha256: model.sha256.clone(),
@@ -83,8 +98,20 @@ impl ResultWriter {
         row: usize,
     ) -> serde_json::Result<()> {
         buf.clear();
+        let mut detections = None;
         let (top_k, include_outputs) = match &self.post {
             PostProcess::Raw => (None, true),
+            PostProcess::Detection(d) => {
+                let classes = (!self.labels.is_empty()).then_some(self.labels.len());
+                let out = session.output_row(self.score_output, row).ok_or_else(|| {
+                    serde::ser::Error::custom("the detection output is missing from the run")
+                })?;
+                detect::detect(d, classes, &out, meta.source.as_ref(), &mut self.detect)
+                    .map_err(serde::ser::Error::custom)?;
+                detections =
+                    Some(Detections { items: &self.detect.detections, labels: &self.labels });
+                (None, d.include_outputs)
+            }
             PostProcess::Classification(c) => {
                 match session.output_row(self.score_output, row) {
                     Some(out) => rank(
@@ -117,6 +144,8 @@ impl ResultWriter {
             },
             outputs: include_outputs.then_some(Outputs { session, row, names: &self.output_names }),
             top_k,
+            image: meta.source.map(|m| ImageSize { width: m.width, height: m.height }),
+            detections,
         };
         serde_json::to_writer(buf, &msg)
     }
@@ -164,6 +193,45 @@ struct ResultMsg<'a> {
     outputs: Option<Outputs<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<TopK<'a>>,
+    /// The source frame's size (image frames), the space detection boxes are in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<ImageSize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detections: Option<Detections<'a>>,
+}
+
+#[derive(Serialize)]
+struct ImageSize {
+    width: usize,
+    height: usize,
+}
+
+struct Detections<'a> {
+    items: &'a [Detection],
+    labels: &'a [String],
+}
+
+impl Serialize for Detections<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            class: u32,
+            label: Option<&'a str>,
+            score: f32,
+            #[serde(rename = "box")]
+            bbox: [f32; 4],
+        }
+        let mut seq = s.serialize_seq(Some(self.items.len()))?;
+        for d in self.items {
+            seq.serialize_element(&Item {
+                class: d.class,
+                label: self.labels.get(d.class as usize).map(String::as_str),
+                score: d.score,
+                bbox: d.bbox,
+            })?;
+        }
+        seq.end()
+    }
 }
 
 #[derive(Serialize)]

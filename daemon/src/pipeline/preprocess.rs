@@ -72,6 +72,32 @@ pub struct Tap {
     inside: bool,
 }
 
+/// Where the model's input pixels came from in the source image: continuous model coordinates
+/// (`0..W` across the input tensor) to source pixel coordinates, per axis
+/// `source = (model + shift) * scale`. It undoes the crop window, the letterbox offset and the
+/// resize exactly as the plan sampled them (`scale = w / content width`, the content width
+/// being the rounded resize), so detection boxes land on the source frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceMap {
+    pub width: usize,
+    pub height: usize,
+    shift_x: f64,
+    scale_x: f64,
+    shift_y: f64,
+    scale_y: f64,
+}
+
+impl SourceMap {
+    /// Maps an `[x1, y1, x2, y2]` box in model input pixels to source pixels, clipped to the
+    /// source frame.
+    pub fn map_box(&self, b: [f32; 4]) -> [f32; 4] {
+        let (w, h) = (self.width as f64, self.height as f64);
+        let x = |v: f32| ((f64::from(v) + self.shift_x) * self.scale_x).clamp(0.0, w) as f32;
+        let y = |v: f32| ((f64::from(v) + self.shift_y) * self.scale_y).clamp(0.0, h) as f32;
+        [x(b[0]), y(b[1]), x(b[2]), y(b[3])]
+    }
+}
+
 /// Per-worker buffers of a plan: sampling tables for the last source size seen.
 #[derive(Debug, Default)]
 pub struct PlanScratch {
@@ -81,6 +107,8 @@ pub struct PlanScratch {
     row: Vec<f32>,
     /// The plan and source size the tables were built for.
     source: Option<(u64, usize, usize)>,
+    /// The geometry of those tables.
+    map: Option<SourceMap>,
 }
 
 /// Distinguishes plans, so a scratch handed from one plan to another rebuilds its tables.
@@ -213,13 +241,14 @@ impl Plan {
     }
 
     /// Writes `img` into `out` (one row of the input tensor: exactly `C * H * W` elements of the
-    /// model's dtype). Refuses an image the declared steps cannot bring to the model's size.
+    /// model's dtype) and says where the input's pixels came from in the image. Refuses an image
+    /// the declared steps cannot bring to the model's size.
     pub fn run(
         &self,
         img: &ImageView<'_>,
         scratch: &mut PlanScratch,
         out: &mut [u8],
-    ) -> Result<(), Reject> {
+    ) -> Result<SourceMap, Reject> {
         let n = self.out_w * self.out_h * self.out_c;
         if out.len() != n * self.dtype.size() {
             // Sized from the same spec at compile time: a bug, reported as such.
@@ -235,9 +264,10 @@ impl Plan {
         if img.bytes.len() < need || img.width == 0 || img.height == 0 {
             return Err(Reject::new(RejectReason::WrongSize, "image buffer shorter than its size"));
         }
-        if scratch.source != Some((self.id, img.width, img.height)) {
-            self.tables(img.width, img.height, scratch)?;
-        }
+        let map = match scratch.map {
+            Some(m) if scratch.source == Some((self.id, img.width, img.height)) => m,
+            _ => self.tables(img.width, img.height, scratch)?,
+        };
         match img.dtype {
             SampleType::U8 => self.fill::<U8>(img, scratch, out),
             SampleType::I8 => self.fill::<I8>(img, scratch, out),
@@ -246,11 +276,11 @@ impl Plan {
             SampleType::F16 => self.fill::<F16>(img, scratch, out),
             SampleType::F32 => self.fill::<F32>(img, scratch, out),
         }
-        Ok(())
+        Ok(map)
     }
 
-    /// Builds the sampling tables for a `w x h` source.
-    fn tables(&self, w: usize, h: usize, s: &mut PlanScratch) -> Result<(), Reject> {
+    /// Builds the sampling tables for a `w x h` source; returns their geometry.
+    fn tables(&self, w: usize, h: usize, s: &mut PlanScratch) -> Result<SourceMap, Reject> {
         let (cw, ch) = match self.cfg.resize {
             Some(r) => (r.width, r.height),
             None => (w, h),
@@ -285,8 +315,17 @@ impl Plan {
         };
         axis(&mut s.xs, w, content.0, offset.0, x0, ow);
         axis(&mut s.ys, h, content.1, offset.1, y0, oh);
+        let map = SourceMap {
+            width: w,
+            height: h,
+            shift_x: x0 as f64 - offset.0 as f64,
+            scale_x: w as f64 / content.0 as f64,
+            shift_y: y0 as f64 - offset.1 as f64,
+            scale_y: h as f64 / content.1 as f64,
+        };
         s.source = Some((self.id, w, h));
-        Ok(())
+        s.map = Some(map);
+        Ok(map)
     }
 
     /// One pass over the output, row by row: each output row is computed in f32 into the

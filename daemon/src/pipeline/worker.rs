@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::image::ImageScratch;
 use super::output::{ResultMeta, ResultWriter};
+use super::preprocess::SourceMap;
 use super::queue::Pop;
 use super::{Frame, Pipeline, Publisher};
 use crate::model::Session;
@@ -164,6 +165,7 @@ fn run(p: &Pipeline, mut m: WorkerModel, publisher: &dyn Publisher, progress: &A
         payload: Vec::with_capacity(4096),
         topic: String::with_capacity(128),
         image: ImageScratch::default(),
+        sources: vec![None; p.cfg.max_batch.max(1)],
     };
     let mut frames: Vec<Frame> = Vec::with_capacity(p.cfg.max_batch.max(1));
     loop {
@@ -235,6 +237,17 @@ pub struct Scratch {
     pub payload: Vec<u8>,
     pub topic: String,
     pub image: ImageScratch,
+    /// Per batch row: where an image frame's input pixels came from.
+    sources: Vec<Option<SourceMap>>,
+}
+
+impl Scratch {
+    fn set_source(&mut self, row: usize, map: Option<SourceMap>) {
+        if self.sources.len() <= row {
+            self.sources.resize(row + 1, None);
+        }
+        self.sources[row] = map;
+    }
 }
 
 /// What [`Pipeline::copy_inputs`] did with a frame.
@@ -387,11 +400,17 @@ impl Pipeline {
                 Some(payload) => {
                     img.write(payload, &mut scratch.image, session.input_row_mut(0, row))
                 }
-                None => Ok(()),
+                None => Err(super::decode::Reject::new(
+                    crate::telemetry::RejectReason::Empty,
+                    "image frame without a payload",
+                )),
             };
             frame.inputs.clear();
             return match res {
-                Ok(()) => Filled::Yes,
+                Ok(map) => {
+                    scratch.set_source(row, Some(map));
+                    Filled::Yes
+                }
                 Err(r) => {
                     // The payload's fault, found by the worker: counted and reported like an
                     // ingest reject (the frame leaves `in_flight` for `rejected`).
@@ -420,6 +439,7 @@ impl Pipeline {
         }
         // Release the MQTT packet buffer before the (long) inference.
         frame.inputs.clear();
+        scratch.set_source(row, None);
         Filled::Yes
     }
 
@@ -475,6 +495,7 @@ impl Pipeline {
             queue_us: queue_wait.as_micros() as u64,
             inference_us: inference.as_micros() as u64,
             total_us: total.as_micros() as u64,
+            source: scratch.sources.get(row).copied().flatten(),
         };
         if let Err(e) = writer.write(&mut scratch.payload, &meta, session, row) {
             p.stats.fail(FailReason::Publish);
