@@ -321,7 +321,7 @@ pub fn prometheus(app: &App) -> String {
 
     // Frame accounting: received = served + rejected + dropped + failed + queued + in flight.
     type PerPipeline = fn(&Pipeline) -> f64;
-    let counters: [(&str, &str, PerPipeline); 4] = [
+    let counters: [(&str, &str, PerPipeline); 6] = [
         (
             "edgeinfer_frames_received_total",
             "Frames that matched the pipeline's input filter.",
@@ -329,13 +329,23 @@ pub fn prometheus(app: &App) -> String {
         ),
         (
             "edgeinfer_frames_served_total",
-            "Frames whose result was handed to the MQTT client.",
+            "Frames served: result handed to the MQTT client, or withheld by event mode.",
             |p| p.stats.served.load(Ordering::Relaxed) as f64,
         ),
         (
             "edgeinfer_error_messages_suppressed_total",
             "Error messages not published because of errors.rate_limit.",
             |p| p.stats.errors_suppressed.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "edgeinfer_results_suppressed_total",
+            "Served frames whose result event mode withheld (unchanged, or not active).",
+            |p| p.stats.results_suppressed.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "edgeinfer_event_devices_evicted_total",
+            "Devices whose event state was forgotten to stay within events.max_devices.",
+            |p| p.events.as_ref().map_or(0.0, |g| g.evicted.load(Ordering::Relaxed) as f64),
         ),
         (
             "edgeinfer_clock_skew_frames_total",

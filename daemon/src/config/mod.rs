@@ -8,6 +8,7 @@
 //! The annotated default configuration is `config/edgeinfer.toml` in the repository, embedded here
 //! as [`DEFAULT_CONFIG`] so that `edgeinfer config default` always matches the code.
 
+pub mod events;
 pub mod image;
 mod reader;
 pub mod units;
@@ -367,13 +368,17 @@ pub enum PostProcess {
     Raw,
     Classification(ClassificationConfig),
     Detection(DetectionConfig),
+    /// One output value (optionally with a threshold state).
+    Regression(events::ValueConfig),
+    /// One output value as an anomaly score with a threshold: `anomalous` true/false.
+    AnomalyScore(events::ValueConfig),
 }
 
 impl PostProcess {
     /// The labels file, when the post-processing names classes.
     pub fn labels(&self) -> Option<&Path> {
         match self {
-            PostProcess::Raw => None,
+            PostProcess::Raw | PostProcess::Regression(_) | PostProcess::AnomalyScore(_) => None,
             PostProcess::Classification(c) => c.labels.as_deref(),
             PostProcess::Detection(d) => d.labels.as_deref(),
         }
@@ -464,6 +469,8 @@ pub struct PipelineConfig {
     pub cpus: Vec<usize>,
     pub queue: QueueConfig,
     pub postprocess: PostProcess,
+    /// Which results are published, per device (event mode).
+    pub events: events::EventsConfig,
     /// Frames older than this when a worker picks them up are dropped as `expired` (age from
     /// the device timestamp when trusted, else from arrival).
     pub max_age: Option<Duration>,
@@ -1321,7 +1328,17 @@ fn pipeline(
         None => PostProcess::Raw,
         Some(mut pp) => {
             let kind = pp
-                .choice(p, "kind", &[("raw", 0), ("classification", 1), ("detection", 2)])
+                .choice(
+                    p,
+                    "kind",
+                    &[
+                        ("raw", 0),
+                        ("classification", 1),
+                        ("detection", 2),
+                        ("regression", 3),
+                        ("anomaly_score", 4),
+                    ],
+                )
                 .unwrap_or(0);
             let out = match kind {
                 1 => PostProcess::Classification(ClassificationConfig {
@@ -1353,12 +1370,15 @@ fn pipeline(
                     class_agnostic: pp.bool(p, "class_agnostic").unwrap_or(false),
                     include_outputs: pp.bool(p, "include_outputs").unwrap_or(false),
                 }),
+                3 => PostProcess::Regression(events::value_config(&mut pp, p, false)),
+                4 => PostProcess::AnomalyScore(events::value_config(&mut pp, p, true)),
                 _ => PostProcess::Raw,
             };
             pp.finish(p);
             out
         }
     };
+    let events = events::parse(&mut s, p, &postprocess);
     let watch_model = s.bool(p, "watch_model").unwrap_or(true);
     let dedup = s.bool(p, "dedup").unwrap_or(true);
     let golden_tolerance = s.float(p, "golden_tolerance", 0.0, 1.0).unwrap_or(1e-4);
@@ -1456,6 +1476,7 @@ fn pipeline(
         cpus,
         queue,
         postprocess,
+        events,
     })
 }
 

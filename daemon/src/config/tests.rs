@@ -410,3 +410,55 @@ fn detection_postprocess_parses_with_defaults_and_checks_ranges() {
         assert!(p.iter().any(|m| m.contains(needle)), "{needle}: {p:?}");
     }
 }
+
+#[test]
+fn scalar_postprocess_and_events_check_their_keys_against_each_other() {
+    let pp = |body: &str| format!("{MINIMAL}[pipelines.p.postprocess]\n{body}");
+    let cfg = parse(&pp("kind = \"anomaly_score\"\nthreshold = 2.5\nclear = 0.7\n\
+                         [pipelines.p.events]\npublish = \"while_active\"\nheartbeat = \"1m\"\n"))
+    .expect("anomaly events");
+    let pl = &cfg.pipelines[0];
+    let PostProcess::AnomalyScore(v) = &pl.postprocess else { panic!("{:?}", pl.postprocess) };
+    assert_eq!(v.band(), Some((2.5, 0.7)));
+    assert!(!v.include_outputs, "anomaly_score leaves outputs out by default");
+    assert_eq!(pl.events.publish, events::Publish::WhileActive);
+    assert_eq!(pl.events.heartbeat, Some(Duration::from_secs(60)));
+    let cfg = parse(&pp(
+        "kind = \"regression\"\n[pipelines.p.events]\npublish = \"on_change\"\ndelta = 0.5\n",
+    ))
+    .expect("regression delta");
+    assert!(
+        matches!(&cfg.pipelines[0].postprocess, PostProcess::Regression(v) if v.band().is_none() && v.include_outputs)
+    );
+    for (body, needle) in [
+        ("kind = \"anomaly_score\"\n", "postprocess.threshold: missing"),
+        (
+            "kind = \"regression\"\nthreshold = 1\nclear = 2\n",
+            "postprocess.clear: must not be above threshold",
+        ),
+        ("kind = \"regression\"\nclear = 2\n", "postprocess.clear: needs a threshold"),
+        (
+            "kind = \"raw\"\n[pipelines.p.events]\npublish = \"on_change\"\n",
+            "on_change needs a postprocess",
+        ),
+        (
+            "kind = \"regression\"\n[pipelines.p.events]\npublish = \"on_change\"\n",
+            "needs a threshold (state changes) or events.delta",
+        ),
+        (
+            "kind = \"classification\"\n[pipelines.p.events]\npublish = \"while_active\"\n",
+            "while_active needs a threshold state",
+        ),
+        (
+            "kind = \"classification\"\n[pipelines.p.events]\nheartbeat = \"1m\"\n",
+            "events.heartbeat: has no effect",
+        ),
+        (
+            "kind = \"classification\"\n[pipelines.p.events]\npublish = \"sometimes\"\n",
+            "events.publish: expected one of",
+        ),
+    ] {
+        let p = problems(&pp(body));
+        assert!(p.iter().any(|m| m.contains(needle)), "{body}: {needle} not in {p:?}");
+    }
+}

@@ -9,6 +9,7 @@
 pub mod decode;
 pub mod dedup;
 pub mod detect;
+pub mod events;
 pub mod image;
 pub mod output;
 pub mod overload;
@@ -118,6 +119,8 @@ pub struct Pipeline {
     active: RwLock<Arc<ModelSet>>,
     /// Bumped by every swap; workers compare it between frames.
     generation: AtomicU64,
+    /// Event mode: which results are published, per device (None: all, no threshold state).
+    pub events: Option<events::EventGate>,
     /// Swap bookkeeping for health.
     pub swaps: Mutex<swap::SwapLog>,
     /// The candidate under probation after a swap, with the previous model kept loaded.
@@ -185,6 +188,7 @@ impl Pipeline {
             batch_limit: AtomicUsize::new(1),
             active: RwLock::new(Arc::new(set)),
             generation: AtomicU64::new(0),
+            events: events::EventGate::new(&cfg.events, &cfg.postprocess),
             swaps: Mutex::new(swap::SwapLog::default()),
             probation: Mutex::new(None),
             install_mark: Mutex::new((crate::telemetry::Snapshot::default(), 0)),

@@ -14,7 +14,9 @@ use serde::Serialize;
 use serde::ser::{SerializeSeq, Serializer};
 
 use super::detect::{self, DetectScratch, Detection};
+use super::events::{Decision, Observation};
 use super::preprocess::SourceMap;
+use crate::config::events::ValueConfig;
 use crate::config::{ClassificationConfig, DetectionConfig, PostProcess};
 use crate::model::{DType, Model, OutputTensor, Session};
 
@@ -49,6 +51,10 @@ pub struct ResultWriter {
     output_names: Vec<String>,
     scratch: Vec<(usize, f64)>,
     detect: DetectScratch,
+    /// The regression value / anomaly score of the prepared row.
+    value: f64,
+    /// Distinct detected classes of the prepared row.
+    classes: Vec<u32>,
     /// The model results are stamped with (the one this writer was built for).
     model_name: String,
     model_version: String,
@@ -62,7 +68,9 @@ impl ResultWriter {
         let output_names: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
         let score_output = match &post {
             PostProcess::Classification(ClassificationConfig { output: Some(name), .. })
-            | PostProcess::Detection(DetectionConfig { output: Some(name), .. }) => {
+            | PostProcess::Detection(DetectionConfig { output: Some(name), .. })
+            | PostProcess::Regression(ValueConfig { output: Some(name), .. })
+            | PostProcess::AnomalyScore(ValueConfig { output: Some(name), .. }) => {
                 output_names.iter().position(|n| n == name).ok_or_else(|| {
                     format!("postprocess.output names `{name}`, but the model's outputs are {output_names:?}")
                 })?
@@ -75,6 +83,19 @@ impl ResultWriter {
             detect::geometry(d.layout, &out.shape, classes)
                 .map_err(|e| format!("detection output `{}`: {e}", out.name))?;
         }
+        if let PostProcess::Regression(v) | PostProcess::AnomalyScore(v) = &post {
+            let out = model.outputs.get(score_output).ok_or("the model has no outputs")?;
+            if v.index >= out.len() || !out.dtype.is_float() {
+                return Err(format!(
+                    "postprocess.index {} is not an element of output `{}` ({} {:?}: {} float elements)",
+                    v.index,
+                    out.name,
+                    out.dtype,
+                    out.shape,
+                    if out.dtype.is_float() { out.len() } else { 0 }
+                ));
+            }
+        }
         Ok(Self {
             post,
             labels,
@@ -82,49 +103,109 @@ impl ResultWriter {
             output_names,
             scratch: Vec::new(),
             detect: DetectScratch::default(),
+            value: f64::NAN,
+            classes: Vec::new(),
             model_name: model.name.clone(),
             model_version: model.version.clone(),
             model_sha256: model.sha256.clone(),
         })
     }
 
-    /// Serializes the result of the last run of `session` for the frame in row `row` (0 unless
-    /// the session ran a batch) into `buf` (cleared first).
+    /// Runs the post-processing of row `row` of the last run of `session` (0 unless the session
+    /// ran a batch) into the writer's scratch, and returns what event mode compares. Call
+    /// [`ResultWriter::write`] after it for the same row.
+    pub fn prepare(
+        &mut self,
+        meta: &ResultMeta<'_>,
+        session: &Session,
+        row: usize,
+    ) -> serde_json::Result<Observation> {
+        let output = || {
+            session.output_row(self.score_output, row).ok_or_else(|| {
+                serde::ser::Error::custom("the post-processed output is missing from the run")
+            })
+        };
+        Ok(match &self.post {
+            PostProcess::Raw => Observation::None,
+            PostProcess::Detection(d) => {
+                let classes = (!self.labels.is_empty()).then_some(self.labels.len());
+                detect::detect(d, classes, &output()?, meta.source.as_ref(), &mut self.detect)
+                    .map_err(serde::ser::Error::custom)?;
+                // The set of classes present (order and count do not matter), as an FNV-1a
+                // digest of the sorted distinct class indices.
+                self.classes.clear();
+                self.classes.extend(self.detect.detections.iter().map(|d| d.class));
+                self.classes.sort_unstable();
+                self.classes.dedup();
+                let digest = self.classes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+                    (h ^ u64::from(*c)).wrapping_mul(0x0100_0000_01b3)
+                });
+                Observation::Key(digest)
+            }
+            PostProcess::Classification(c) => {
+                let out = output()?;
+                rank(
+                    &mut self.scratch,
+                    (0..out.len()).map(|i| out.get_f64(i).unwrap_or(f64::NAN)),
+                    c.top_k,
+                    c.softmax,
+                );
+                match self.scratch.first() {
+                    Some((index, _)) => Observation::Key(*index as u64),
+                    None => Observation::None,
+                }
+            }
+            PostProcess::Regression(v) | PostProcess::AnomalyScore(v) => {
+                self.value = output()?.get_f64(v.index).unwrap_or(f64::NAN);
+                Observation::Value(self.value)
+            }
+        })
+    }
+
+    /// Serializes the result prepared by [`ResultWriter::prepare`] into `buf` (cleared first),
+    /// with the event gate's decision when the pipeline has one.
     pub fn write(
         &mut self,
         buf: &mut Vec<u8>,
         meta: &ResultMeta<'_>,
         session: &Session,
         row: usize,
+        event: Option<&Decision>,
+        mode: &'static str,
     ) -> serde_json::Result<()> {
         buf.clear();
         let mut detections = None;
+        let mut value = None;
         let (top_k, include_outputs) = match &self.post {
             PostProcess::Raw => (None, true),
             PostProcess::Detection(d) => {
-                let classes = (!self.labels.is_empty()).then_some(self.labels.len());
-                let out = session.output_row(self.score_output, row).ok_or_else(|| {
-                    serde::ser::Error::custom("the detection output is missing from the run")
-                })?;
-                detect::detect(d, classes, &out, meta.source.as_ref(), &mut self.detect)
-                    .map_err(serde::ser::Error::custom)?;
                 detections =
                     Some(Detections { items: &self.detect.detections, labels: &self.labels });
                 (None, d.include_outputs)
             }
             PostProcess::Classification(c) => {
-                match session.output_row(self.score_output, row) {
-                    Some(out) => rank(
-                        &mut self.scratch,
-                        (0..out.len()).map(|i| out.get_f64(i).unwrap_or(f64::NAN)),
-                        c.top_k,
-                        c.softmax,
-                    ),
-                    None => self.scratch.clear(),
-                }
                 (Some(TopK { items: &self.scratch, labels: &self.labels }), c.include_outputs)
             }
+            PostProcess::Regression(v) => {
+                value = Some(ValueMsg::Regression {
+                    value: Finite(self.value),
+                    above_threshold: event.and_then(|e| e.active),
+                });
+                (None, v.include_outputs)
+            }
+            PostProcess::AnomalyScore(v) => {
+                value = Some(ValueMsg::Anomaly {
+                    anomaly_score: Finite(self.value),
+                    anomalous: event.and_then(|e| e.active).unwrap_or(false),
+                });
+                (None, v.include_outputs)
+            }
         };
+        let event = event.filter(|_| mode != "always").map(|e| EventMsg {
+            publish: mode,
+            reason: e.reason,
+            suppressed: e.suppressed,
+        });
         let msg = ResultMsg {
             pipeline: meta.pipeline,
             model: ModelRef {
@@ -146,6 +227,8 @@ impl ResultWriter {
             top_k,
             image: meta.source.map(|m| ImageSize { width: m.width, height: m.height }),
             detections,
+            value,
+            event,
         };
         serde_json::to_writer(buf, &msg)
     }
@@ -198,6 +281,44 @@ struct ResultMsg<'a> {
     image: Option<ImageSize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detections: Option<Detections<'a>>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    value: Option<ValueMsg>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<EventMsg>,
+}
+
+/// `"value"` (+ `"above_threshold"`) of a regression, `"anomaly_score"` + `"anomalous"` of an
+/// anomaly score; flattened into the result.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ValueMsg {
+    Regression {
+        value: Finite,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        above_threshold: Option<bool>,
+    },
+    Anomaly {
+        anomaly_score: Finite,
+        anomalous: bool,
+    },
+}
+
+/// A float that prints as `null` when it is not finite (JSON has no NaN).
+struct Finite(f64);
+
+impl Serialize for Finite {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_finite() { s.serialize_f64(self.0) } else { s.serialize_none() }
+    }
+}
+
+/// Why an event-mode result was published.
+#[derive(Serialize)]
+struct EventMsg {
+    publish: &'static str,
+    reason: &'static str,
+    /// Results of this device withheld since its previous published one.
+    suppressed: u64,
 }
 
 #[derive(Serialize)]

@@ -497,7 +497,26 @@ impl Pipeline {
             total_us: total.as_micros() as u64,
             source: scratch.sources.get(row).copied().flatten(),
         };
-        if let Err(e) = writer.write(&mut scratch.payload, &meta, session, row) {
+        let decision = match writer.prepare(&meta, session, row) {
+            Ok(obs) => {
+                p.events.as_ref().map(|g| g.decide(&frame.topic, frame.id, obs, Instant::now()))
+            }
+            Err(e) => {
+                p.stats.fail(FailReason::Publish);
+                log::error!(pipeline = p.name(); "cannot post-process result: {e}");
+                return;
+            }
+        };
+        if decision.is_some_and(|d| !d.publish) {
+            // Served, result withheld by event mode: counted, not published.
+            p.stats.results_suppressed.fetch_add(1, Ordering::Relaxed);
+            p.stats.record_served(total);
+            return;
+        }
+        let mode = p.events.as_ref().map_or("always", |g| g.publish_mode().as_str());
+        if let Err(e) =
+            writer.write(&mut scratch.payload, &meta, session, row, decision.as_ref(), mode)
+        {
             p.stats.fail(FailReason::Publish);
             log::error!(pipeline = p.name(); "cannot serialize result: {e}");
             return;

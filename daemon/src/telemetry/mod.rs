@@ -148,6 +148,8 @@ pub struct PipelineStats {
     failed: [AtomicU64; FailReason::ALL.len()],
     /// Error messages not published because of the rate limit.
     pub errors_suppressed: AtomicU64,
+    /// Served frames whose result event mode withheld (counted in `served` too).
+    pub results_suppressed: AtomicU64,
     /// Time from arrival to a worker picking the frame up.
     pub queue_wait: Histogram,
     /// tract run time.
@@ -284,6 +286,7 @@ impl PipelineStats {
             "dropped": by(DropReason::ALL.iter().map(|r| (r.as_str(), self.dropped(*r))).collect()),
             "failed": by(FailReason::ALL.iter().map(|r| (r.as_str(), self.failed(*r))).collect()),
             "errors_suppressed": self.errors_suppressed.load(Ordering::Relaxed),
+            "results_suppressed": self.results_suppressed.load(Ordering::Relaxed),
             "clock_skew": self.clock_skew.load(Ordering::Relaxed),
         })
     }
