@@ -196,7 +196,7 @@ pub struct WindowStats {
     pub evicted: AtomicU64,
     /// Chunks refused because `max_devices` devices had state and none was idle.
     pub refused: AtomicU64,
-    /// Held chunks discarded with an evicted device's state.
+    /// Held chunks discarded with an evicted device's state or a restarted stream.
     pub discarded: AtomicU64,
     /// Devices with state now.
     pub devices: AtomicU64,
@@ -380,6 +380,7 @@ fn accept(
         } else {
             // The device restarted its numbering: a new stream.
             WindowStats::add(&stats.resets, 1);
+            WindowStats::add(&stats.discarded, st.held.len() as u64);
             st.reset();
             st.held.clear();
             st.next_seq = Some(seq.wrapping_add(1));
