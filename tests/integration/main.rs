@@ -14,6 +14,7 @@ mod ota;
 mod overload;
 mod queueing;
 mod routing;
+mod streams;
 mod swap;
 mod system;
 mod tls;

@@ -14,7 +14,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-  targets=(config decode_json decode_raw decode_jpeg decode_png image_plan topic ota_manifest spool_segment)
+  targets=(config decode_json decode_raw decode_cbor envelope window_assembler decode_jpeg decode_png image_plan topic ota_manifest spool_segment)
 fi
 if ! rustup toolchain list | grep -q '^nightly'; then
   echo "error: the nightly toolchain is needed (rustup toolchain install nightly)"; exit 1

@@ -61,6 +61,14 @@ fn batching_json(p: &Pipeline) -> Value {
     json!({"max_batch": p.cfg.max_batch, "limit": p.batch_limit(), "runs": runs})
 }
 
+/// Sample stream assembly counters (`null` for pipelines without a window).
+fn window_json(p: &Pipeline) -> Value {
+    if p.cfg.window.is_none() {
+        return Value::Null;
+    }
+    p.window_stats.json()
+}
+
 /// Process and host readings (CPU time, threads, clock frequencies, temperatures).
 fn process_json() -> Value {
     procfs::read_process(std::path::Path::new(PROC_ROOT))
@@ -123,6 +131,7 @@ pub fn online(app: &App) -> Vec<u8> {
                 "slo": slo_json(p),
                 "overload": overload_json(p),
                 "batching": batching_json(p),
+                "window": window_json(p),
             }),
         );
     }
@@ -242,6 +251,7 @@ pub fn metrics(app: &App) -> Vec<u8> {
             o.insert("slo".into(), slo_json(p));
             o.insert("overload".into(), overload_json(p));
             o.insert("batching".into(), batching_json(p));
+            o.insert("window".into(), window_json(p));
         }
         pipelines.insert(p.name().to_string(), c);
     }
@@ -464,6 +474,69 @@ pub fn prometheus(app: &App) -> String {
                 &[("pipeline", p.name()), ("size", &b.to_string())],
                 p.stats.batch_stats(b).0 as f64,
             );
+        }
+    }
+
+    // Sample stream assembly (pipelines with a window).
+    let streams: Vec<&Pipeline> =
+        ps.iter().map(|p| &**p).filter(|p| p.cfg.window.is_some()).collect();
+    if !streams.is_empty() {
+        e.family(
+            "edgeinfer_window_chunks_total",
+            Kind::Counter,
+            "Stream chunks by what the window assembly did with them (see docs/messages.md, Sample streams).",
+        );
+        for p in &streams {
+            for (k, v) in p.window_stats.counters() {
+                if matches!(
+                    k,
+                    "chunks" | "assembled" | "reordered" | "late" | "refused" | "discarded"
+                ) {
+                    e.sample(
+                        "edgeinfer_window_chunks_total",
+                        &[("pipeline", p.name()), ("event", k)],
+                        v as f64,
+                    );
+                }
+            }
+        }
+        e.family(
+            "edgeinfer_window_events_total",
+            Kind::Counter,
+            "Window assembly events: windows completed, gaps, resets, devices evicted.",
+        );
+        for p in &streams {
+            for (k, v) in p.window_stats.counters() {
+                if matches!(k, "windows" | "gaps" | "resets" | "evicted") {
+                    e.sample(
+                        "edgeinfer_window_events_total",
+                        &[("pipeline", p.name()), ("event", k)],
+                        v as f64,
+                    );
+                }
+            }
+        }
+        let per: [(&str, &str, &str); 3] = [
+            (
+                "edgeinfer_window_zero_filled_samples_total",
+                "zero_filled",
+                "Samples per channel written as zeros for gaps (gap = \"zero_fill\").",
+            ),
+            ("edgeinfer_window_devices", "devices", "Devices with window assembly state."),
+            ("edgeinfer_window_held_chunks", "held", "Chunks waiting in reorder buffers."),
+        ];
+        for (name, key, help) in per {
+            let kind = if key == "zero_filled" { Kind::Counter } else { Kind::Gauge };
+            e.family(name, kind, help);
+            for p in &streams {
+                let v = p
+                    .window_stats
+                    .counters()
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or(0, |(_, v)| *v);
+                e.sample(name, &[("pipeline", p.name())], v as f64);
+            }
         }
     }
 

@@ -190,7 +190,7 @@ pub(super) fn parse(
             }
             raw.is_some()
         }
-        PayloadFormat::Json => {
+        PayloadFormat::Json | PayloadFormat::Cbor | PayloadFormat::PcmS16le => {
             for (key, present) in [("raw", raw.is_some()), ("preprocess", pre.is_some())] {
                 if present {
                     p.push(

@@ -12,6 +12,7 @@ pub mod events;
 pub mod image;
 mod reader;
 pub mod units;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -313,6 +314,12 @@ pub enum PayloadFormat {
     Jpeg,
     /// A PNG (any bit depth, normalized to 8-bit gray or RGB), pre-processed per [`image`].
     Png,
+    /// The json structure in CBOR (RFC 8949); a tensor may also be a byte string or an RFC 8746
+    /// typed array of the input's dtype (zero-copy).
+    Cbor,
+    /// Signed 16-bit little-endian PCM audio chunks, channels interleaved, assembled into
+    /// windows per [`window`].
+    PcmS16le,
 }
 
 impl PayloadFormat {
@@ -322,6 +329,8 @@ impl PayloadFormat {
             PayloadFormat::Json => "json",
             PayloadFormat::Jpeg => "jpeg",
             PayloadFormat::Png => "png",
+            PayloadFormat::Cbor => "cbor",
+            PayloadFormat::PcmS16le => "pcm_s16le",
         }
     }
 }
@@ -457,6 +466,11 @@ pub struct PipelineConfig {
     /// Image frames (jpeg, png, or raw with a declared geometry) and their pre-processing;
     /// `None` for tensor frames.
     pub image: Option<image::ImageConfig>,
+    /// Whether binary frames start with the edgeinfer envelope (seq, ts, deadline).
+    pub envelope: window::Envelope,
+    /// Sample streams (pcm_s16le, or raw with a `[window]` table) assembled into windows per
+    /// device; `None` for frames that are a whole input each.
+    pub window: Option<window::WindowConfig>,
     pub qos: Qos,
     pub max_payload: u64,
     pub nan: NanPolicy,
@@ -1256,6 +1270,8 @@ fn pipeline(
             ("json", PayloadFormat::Json),
             ("jpeg", PayloadFormat::Jpeg),
             ("png", PayloadFormat::Png),
+            ("cbor", PayloadFormat::Cbor),
+            ("pcm_s16le", PayloadFormat::PcmS16le),
         ],
     );
     let image = image::parse(&mut s, p, format.unwrap_or(PayloadFormat::Json));
@@ -1263,6 +1279,7 @@ fn pipeline(
     let qos = qos(&mut s, p, "qos", Qos::AtLeastOnce);
     let max_payload =
         s.size(p, "max_payload", 1, broker.max_packet_size).unwrap_or(broker.max_packet_size);
+    let (envelope, window) = window::parse(&mut s, p, format, max_payload);
     let nan = s
         .choice(p, "nan", &[("reject", NanPolicy::Reject), ("allow", NanPolicy::Allow)])
         .unwrap_or(NanPolicy::Reject);
@@ -1467,6 +1484,8 @@ fn pipeline(
         output,
         format,
         image,
+        envelope,
+        window,
         qos,
         max_payload,
         nan,

@@ -79,7 +79,7 @@ policy = "drop_random"
         "broker.hots: unknown key; did you mean `host`?",
         "metrics.interval: expected a duration string",
         "pipelines.p.input: `#` is only allowed as the last level",
-        "pipelines.p.format: expected one of: raw, json, jpeg, png (got \"protobuf\")",
+        "pipelines.p.format: expected one of: raw, json, jpeg, png, cbor, pcm_s16le (got \"protobuf\")",
         "pipelines.p.queue.capacity: must be between 1 and 1048576 (got 0)",
         "pipelines.p.queue.policy: expected one of: drop_oldest, drop_newest, block",
     ];

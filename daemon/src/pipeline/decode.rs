@@ -9,6 +9,16 @@
 //!   (no intermediate `serde_json::Value` tree).
 //!
 //!
+//! - `cbor`: the json structure in CBOR; a tensor may also be a byte string or an RFC 8746
+//!   typed array, sliced zero-copy ([`super::cbor`]).
+//!
+//! Binary frames may start with the edgeinfer-v1 envelope (seq, ts, deadline; [`super::envelope`]),
+//! stripped here by slicing.
+//!
+//! Sample streams (`pcm_s16le`, `raw` with a `[window]`): the chunk is checked to be whole
+//! frames of the declared channels (and, when the envelope describes the stream, its channel
+//! count and sample rate); the assembler ([`super::window`]) makes the windows.
+//!
 //! Image formats (`jpeg`, `png`, and `raw` with a `[raw]` geometry): only cheap checks here
 //! (signature, exact size, non-finite samples); the payload is queued as it came and a worker
 //! decodes and pre-processes it into the input tensor ([`super::image`]).
@@ -26,8 +36,11 @@ use serde_json::value::RawValue;
 use smallvec::SmallVec;
 use tract_onnx::prelude::f16;
 
+use super::envelope;
 use super::image::ImageInput;
+use super::window::WindowPlan;
 use crate::config::image::{ImageConfig, SampleType};
+use crate::config::window::{Envelope, WindowConfig, WireSample};
 use crate::config::{NanPolicy, PayloadFormat};
 use crate::model::{DType, TensorSpec};
 use crate::telemetry::RejectReason;
@@ -67,6 +80,9 @@ pub struct Decoder {
     nan: NanPolicy,
     /// Image frames: what the workers decode and how they pre-process it.
     image: Option<ImageInput>,
+    /// Sample streams: the window the chunks are assembled into.
+    window: Option<WindowPlan>,
+    envelope: Envelope,
 }
 
 impl Decoder {
@@ -77,11 +93,11 @@ impl Decoder {
         max_payload: u64,
         nan: NanPolicy,
     ) -> Result<Self, String> {
-        if format != PayloadFormat::Json && specs.len() != 1 {
+        if !matches!(format, PayloadFormat::Json | PayloadFormat::Cbor) && specs.len() != 1 {
             let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
             return Err(format!(
                 "format \"{}\" carries exactly one input tensor, but the model has {} ({names:?}); \
-                 use format = \"json\" with named inputs",
+                 use format = \"json\" or \"cbor\" with named inputs",
                 format.as_str(),
                 specs.len()
             ));
@@ -92,13 +108,61 @@ impl Decoder {
                 format.as_str()
             ));
         }
+        if format == PayloadFormat::PcmS16le {
+            return Err("format \"pcm_s16le\" needs a window (Decoder::with_window)".into());
+        }
         Ok(Self {
             format,
             specs,
             max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
             nan,
             image: None,
+            window: None,
+            envelope: Envelope::None,
         })
+    }
+
+    /// A decoder for sample streams (`pcm_s16le`, or `raw` with a `[window]`): checks the
+    /// window against the model's single input, or says what disagrees.
+    pub fn with_window(
+        format: PayloadFormat,
+        specs: Vec<TensorSpec>,
+        max_payload: u64,
+        nan: NanPolicy,
+        window: &WindowConfig,
+    ) -> Result<Self, String> {
+        if !matches!(format, PayloadFormat::PcmS16le | PayloadFormat::Raw) {
+            return Err(format!("format \"{}\" does not carry sample streams", format.as_str()));
+        }
+        let [spec] = specs.as_slice() else {
+            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!(
+                "windows feed exactly one input tensor, but the model has {} ({names:?})",
+                specs.len()
+            ));
+        };
+        let plan = WindowPlan::new(window, spec)
+            .map_err(|e| format!("{} stream: {e}", format.as_str()))?;
+        Ok(Self {
+            format,
+            specs,
+            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
+            nan,
+            image: None,
+            window: Some(plan),
+            envelope: Envelope::None,
+        })
+    }
+
+    /// Binary frames start with an envelope (`envelope = "edgeinfer-v1"`).
+    pub fn with_envelope(mut self, envelope: Envelope) -> Self {
+        self.envelope = envelope;
+        self
+    }
+
+    /// The window plan, when frames are chunks of a sample stream.
+    pub fn window(&self) -> Option<&WindowPlan> {
+        self.window.as_ref()
     }
 
     /// A decoder for image frames (`jpeg`, `png`, or `raw` with a declared geometry): compiles
@@ -127,6 +191,8 @@ impl Decoder {
             max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
             nan,
             image: Some(image),
+            window: None,
+            envelope: Envelope::None,
         })
     }
 
@@ -148,13 +214,102 @@ impl Decoder {
                 format!("payload is {} bytes, max_payload is {}", payload.len(), self.max_payload),
             ));
         }
+        if self.envelope == Envelope::None {
+            return self.decode_body(payload, None);
+        }
+        let (meta, at) = envelope::parse(&payload)?;
+        let with_seq = |mut r: Reject| {
+            r.seq = r.seq.or(meta.seq);
+            r
+        };
+        if at == payload.len() {
+            return Err(with_seq(Reject::new(
+                RejectReason::Empty,
+                "the envelope carries no payload",
+            )));
+        }
+        let mut d = self.decode_body(payload.slice(at..), Some(&meta)).map_err(with_seq)?;
+        d.seq = meta.seq;
+        d.ts = meta.ts;
+        d.deadline_ms = meta.deadline_ms.map(f64::from);
+        Ok(d)
+    }
+
+    fn decode_body(
+        &self,
+        payload: Bytes,
+        meta: Option<&envelope::Meta>,
+    ) -> Result<Decoded, Reject> {
+        if let Some(plan) = &self.window {
+            return self.check_chunk(plan, payload, meta);
+        }
         if let Some(img) = &self.image {
             return self.check_image(img, payload);
         }
         match self.format {
             PayloadFormat::Json => self.decode_json(&payload),
+            PayloadFormat::Cbor => super::cbor::decode(&payload, &self.specs, self.nan),
             _ => self.decode_raw(payload),
         }
+    }
+
+    /// Sample stream chunks: whole frames of the declared channels; the envelope's stream
+    /// description (when given) must be the window's. The chunk is kept as it came (zero-copy).
+    fn check_chunk(
+        &self,
+        plan: &WindowPlan,
+        payload: Bytes,
+        meta: Option<&envelope::Meta>,
+    ) -> Result<Decoded, Reject> {
+        let cfg = &plan.cfg;
+        if let Some((rate, channels)) = meta.and_then(|m| m.stream) {
+            if usize::from(channels) != cfg.channels {
+                return Err(Reject::new(
+                    RejectReason::WrongChannels,
+                    format!(
+                        "the chunk has {channels} channels (envelope), the pipeline's window has {}",
+                        cfg.channels
+                    ),
+                ));
+            }
+            if let Some(want) = cfg.sample_rate
+                && rate != want
+            {
+                return Err(Reject::new(
+                    RejectReason::WrongSampleRate,
+                    format!(
+                        "the chunk is sampled at {rate} Hz (envelope), the window at {want} Hz"
+                    ),
+                ));
+            }
+        }
+        let frame = plan.frame_bytes();
+        if !payload.len().is_multiple_of(frame) {
+            return Err(Reject::new(
+                RejectReason::Truncated,
+                format!(
+                    "{} bytes is not a whole number of frames: {} channel(s) x {} bytes ({}) = \
+                     {frame} bytes per frame, {} left over",
+                    payload.len(),
+                    cfg.channels,
+                    cfg.dtype.size(),
+                    cfg.dtype.name(),
+                    payload.len() % frame
+                ),
+            ));
+        }
+        if cfg.dtype == WireSample::F32
+            && self.nan == NanPolicy::Reject
+            && let Some(i) = first_non_finite(DType::F32, &payload)
+        {
+            return Err(Reject::new(
+                RejectReason::NonFinite,
+                format!("sample {i} of the chunk is not finite (nan = \"reject\")"),
+            ));
+        }
+        let mut inputs = SmallVec::new();
+        inputs.push(payload);
+        Ok(Decoded { seq: None, ts: None, deadline_ms: None, inputs })
     }
 
     /// Image frames: cheap checks only, the payload is queued as it came (zero-copy).
@@ -292,15 +447,7 @@ impl Decoder {
 
     /// Parses one JSON array into `spec`'s little-endian byte layout.
     fn tensor(&self, spec: &TensorSpec, raw: &RawValue) -> Result<Bytes, Reject> {
-        let mut sink = Sink {
-            out: Vec::with_capacity(spec.byte_len()),
-            spec,
-            nan: self.nan,
-            total: spec.len(),
-            leaves: 0,
-            leaf_depth: None,
-            reject: None,
-        };
+        let mut sink = Sink::new(spec, self.nan);
         let mut de = serde_json::Deserializer::from_str(raw.get());
         let res = Node { sink: &mut sink, depth: 0 }.deserialize(&mut de);
         if let Some(r) = sink.reject.take() {
@@ -320,7 +467,7 @@ impl Decoder {
 }
 
 /// Index of the first NaN/inf element of a float tensor in little-endian bytes.
-fn first_non_finite(dt: DType, b: &[u8]) -> Option<usize> {
+pub(super) fn first_non_finite(dt: DType, b: &[u8]) -> Option<usize> {
     match dt {
         DType::F32 => b
             .chunks_exact(4)
@@ -337,20 +484,33 @@ fn first_non_finite(dt: DType, b: &[u8]) -> Option<usize> {
     }
 }
 
-/// Accumulates decoded elements and the first reason to reject.
-struct Sink<'s> {
-    out: Vec<u8>,
-    spec: &'s TensorSpec,
-    nan: NanPolicy,
-    total: usize,
-    leaves: usize,
+/// Accumulates decoded elements and the first reason to reject (JSON and CBOR frames).
+pub(super) struct Sink<'s> {
+    pub(super) out: Vec<u8>,
+    pub(super) spec: &'s TensorSpec,
+    pub(super) nan: NanPolicy,
+    pub(super) total: usize,
+    pub(super) leaves: usize,
     /// Nesting depth of the first number seen: `rank` (nested form) or 1 (flat form).
-    leaf_depth: Option<usize>,
-    reject: Option<Reject>,
+    pub(super) leaf_depth: Option<usize>,
+    pub(super) reject: Option<Reject>,
 }
 
-impl Sink<'_> {
-    fn shape_error(&self, what: String) -> Reject {
+impl<'s> Sink<'s> {
+    /// An empty sink for one input (its buffer sized once, from the model's signature).
+    pub(super) fn new(spec: &'s TensorSpec, nan: NanPolicy) -> Self {
+        Sink {
+            out: Vec::with_capacity(spec.byte_len()),
+            spec,
+            nan,
+            total: spec.len(),
+            leaves: 0,
+            leaf_depth: None,
+            reject: None,
+        }
+    }
+
+    pub(super) fn shape_error(&self, what: String) -> Reject {
         Reject::new(
             RejectReason::WrongShape,
             format!(
@@ -367,28 +527,27 @@ impl Sink<'_> {
     }
 
     fn leaf<E: de::Error>(&mut self, depth: usize, v: Num) -> Result<(), E> {
+        self.push(depth, v).map_err(|r| self.fail(r))
+    }
+
+    /// Appends one element found at nesting `depth`, or says why it does not fit.
+    pub(super) fn push(&mut self, depth: usize, v: Num) -> Result<(), Reject> {
         let rank = self.spec.shape.len();
         match self.leaf_depth {
             None if depth == rank || depth == 1 || (rank == 0 && depth == 0) => {
                 self.leaf_depth = Some(depth)
             }
             None => {
-                return Err(
-                    self.fail(self.shape_error(format!("has a number at nesting depth {depth}")))
-                );
+                return Err(self.shape_error(format!("has a number at nesting depth {depth}")));
             }
             Some(d) if d != depth => {
-                return Err(
-                    self.fail(self.shape_error("mixes numbers and arrays at one level".into()))
-                );
+                return Err(self.shape_error("mixes numbers and arrays at one level".into()));
             }
             Some(_) => {}
         }
         if self.leaves >= self.total {
             // Stop early: never let an oversized array grow the buffer past the input's size.
-            return Err(
-                self.fail(self.shape_error(format!("has more than {} elements", self.total)))
-            );
+            return Err(self.shape_error(format!("has more than {} elements", self.total)));
         }
         self.leaves += 1;
         let spec: &TensorSpec = self.spec;
@@ -467,12 +626,12 @@ impl Sink<'_> {
             }
             Ok(())
         })();
-        res.map_err(|r| self.fail(r))
+        res
     }
 }
 
 #[derive(Clone, Copy)]
-enum Num {
+pub(super) enum Num {
     U(u64),
     I(i64),
     F(f64),

@@ -6,9 +6,11 @@
 //! This module does not own the MQTT connection: publishing goes through the trait, so tests can
 //! drive a pipeline without a broker.
 
+pub mod cbor;
 pub mod decode;
 pub mod dedup;
 pub mod detect;
+pub mod envelope;
 pub mod events;
 pub mod image;
 pub mod output;
@@ -16,6 +18,7 @@ pub mod overload;
 pub mod preprocess;
 pub mod queue;
 pub mod swap;
+pub mod window;
 mod worker;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -147,6 +150,11 @@ pub struct Pipeline {
     /// Frames a worker may take into one run now (the controller lowers it to meet the
     /// objective; `max_batch` otherwise).
     batch_limit: AtomicUsize,
+    /// Sample streams: per-device window assembly (`None` for whole-input frames). Only the
+    /// ingest task takes the lock.
+    assembler: Option<Mutex<window::Assembler>>,
+    /// Counters of the window assembly.
+    pub window_stats: window::WindowStats,
 }
 
 impl Pipeline {
@@ -160,16 +168,24 @@ impl Pipeline {
         errors: &ErrorsConfig,
         max_clock_skew: Duration,
     ) -> Result<Pipeline, String> {
-        let decoder = match &cfg.image {
-            Some(img) => Decoder::with_image(
+        let decoder = match (&cfg.image, &cfg.window) {
+            (Some(img), _) => Decoder::with_image(
                 cfg.format,
                 model.inputs.clone(),
                 cfg.max_payload,
                 cfg.nan,
                 img,
             )?,
-            None => Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?,
-        };
+            (None, Some(w)) => {
+                Decoder::with_window(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan, w)?
+            }
+            (None, None) => {
+                Decoder::new(cfg.format, model.inputs.clone(), cfg.max_payload, cfg.nan)?
+            }
+        }
+        .with_envelope(cfg.envelope);
+        let assembler =
+            decoder.window().map(|plan| Mutex::new(window::Assembler::new(plan.clone())));
         check_postprocess(&cfg, &model, &labels)?;
         let stats = PipelineStats::default();
         if let Some(l) = &cfg.slo.latency {
@@ -204,6 +220,8 @@ impl Pipeline {
             decoder,
             device_id: device_id.to_string(),
             next_frame: AtomicU64::new(1),
+            assembler,
+            window_stats: window::WindowStats::default(),
         })
     }
 
@@ -349,6 +367,10 @@ impl Pipeline {
     ) -> Option<Frame> {
         let received = Instant::now();
         let received_us = unix_us(SystemTime::now());
+        if let Some(asm) = &self.assembler {
+            self.ingest_chunk(asm, topic, captures, payload, publisher, received, received_us);
+            return None;
+        }
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         // Shedding comes before decoding: under overload, decoding frames only to drop them
         // would spend the ingest task's CPU on exactly the work being refused.
@@ -396,6 +418,67 @@ impl Pipeline {
             self.account_push(outcome);
         }
         None
+    }
+
+    /// A chunk of a sample stream: decoded (envelope, whole frames), then assembled; every
+    /// window it completes is a frame offered to the queue.
+    ///
+    /// Accounting: a stream pipeline's `received` counts the frames it made (windows) plus the
+    /// chunks rejected or dropped as duplicates, so `received = served + rejected + dropped +
+    /// failed + queued + in flight` still holds; the chunks themselves are counted in
+    /// [`window::WindowStats`]. Adaptive shedding does not apply (dropping chunks would cut holes
+    /// into streams: the queue limit bounds the backlog), and the `block` queue policy acts as
+    /// `drop_newest` (one chunk may complete several windows; the ingest task cannot wait for
+    /// each).
+    #[allow(clippy::too_many_arguments)]
+    fn ingest_chunk(
+        &self,
+        asm: &Mutex<window::Assembler>,
+        topic: String,
+        captures: Captures,
+        payload: Bytes,
+        publisher: &dyn Publisher,
+        received: Instant,
+        received_us: u64,
+    ) {
+        let fp = self.cfg.dedup.then(|| dedup::fingerprint(&payload));
+        let decoded = match self.decoder.decode(payload) {
+            Ok(d) => d,
+            Err(r) => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                self.reject(&topic, &r, publisher);
+                return;
+            }
+        };
+        if let (Some(fp), Some(seq)) = (fp, decoded.seq)
+            && self.dedup.is_duplicate(&topic, seq, fp)
+        {
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            self.stats.drop_frame(DropReason::Duplicate);
+            return;
+        }
+        let Some(samples) = decoded.inputs.into_iter().next() else { return };
+        let chunk = window::Chunk { seq: decoded.seq, ts: decoded.ts, samples };
+        let mut asm = asm.lock().unwrap_or_else(|e| e.into_inner());
+        asm.push(&topic, chunk, received, &self.window_stats, &mut |w: window::Window| {
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            let mut inputs = SmallVec::new();
+            inputs.push(w.input);
+            let frame = Frame {
+                id: self.next_frame.fetch_add(1, Ordering::Relaxed),
+                topic: topic.clone(),
+                captures: captures.clone(),
+                seq: w.seq,
+                ts: w.ts,
+                received,
+                received_us,
+                device_age: w.ts.and_then(|ts| self.device_age(ts, received_us)),
+                deadline: self.cfg.deadline.map(|d| received + d),
+                inputs,
+            };
+            let outcome = self.queue.push(frame);
+            self.account_push(outcome);
+        });
     }
 
     /// The frame's age at arrival by the device clock, when its timestamp is within the skew

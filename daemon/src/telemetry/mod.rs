@@ -43,12 +43,19 @@ pub enum RejectReason {
     /// An image whose header declares more than `preprocess.max_decoded` samples
     /// (`width * height * channels`), refused before any pixel buffer is allocated.
     ImageTooLarge,
-    /// An image with a channel count the pipeline cannot use (alpha, CMYK).
+    /// An image with a channel count the pipeline cannot use (alpha, CMYK), or a stream chunk
+    /// whose envelope declares another channel count than the pipeline's window.
     WrongChannels,
+    /// A binary frame without a valid edgeinfer envelope (magic, length, version, flags).
+    BadEnvelope,
+    /// A stream chunk that is not a whole number of frames (one sample of every channel).
+    Truncated,
+    /// A stream chunk whose envelope declares another sample rate than the pipeline's window.
+    WrongSampleRate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::Empty,
         RejectReason::Oversized,
         RejectReason::WrongSize,
@@ -59,6 +66,9 @@ impl RejectReason {
         RejectReason::CorruptImage,
         RejectReason::ImageTooLarge,
         RejectReason::WrongChannels,
+        RejectReason::BadEnvelope,
+        RejectReason::Truncated,
+        RejectReason::WrongSampleRate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +83,9 @@ impl RejectReason {
             RejectReason::CorruptImage => "corrupt_image",
             RejectReason::ImageTooLarge => "image_too_large",
             RejectReason::WrongChannels => "wrong_channels",
+            RejectReason::BadEnvelope => "bad_envelope",
+            RejectReason::Truncated => "truncated",
+            RejectReason::WrongSampleRate => "wrong_sample_rate",
         }
     }
 }
