@@ -47,6 +47,15 @@ fn anomaly_and_classification_events_publish_changes_only() {
         "workers = 1\n[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 1\n\
          include_outputs = false\n[pipelines.digits.events]\npublish = \"on_change\"\n",
     );
+    // Probabilities never reach 2.0: top_k is always empty, one unchanging state.
+    pipelines += &digits.pipeline(
+        "digits_thr",
+        "s/+/digits",
+        "out/{pipeline}/{1}",
+        "workers = 1\n[pipelines.digits_thr.postprocess]\nkind = \"classification\"\n\
+         score_threshold = 2.0\ninclude_outputs = false\n[pipelines.digits_thr.events]\n\
+         publish = \"on_change\"\n",
+    );
     let (broker, daemon) = start_daemon("events", &pipelines);
     let obs = MqttClient::connect(broker.port, "obs-events").expect("observer");
     obs.subscribe("out/#").expect("subscribe");
@@ -77,8 +86,8 @@ fn anomaly_and_classification_events_publish_changes_only() {
         dev.publish("s/d1/digits", digits.json_frame(*s, i as u64), QoS::AtLeastOnce, false)
             .expect("publish");
     }
-    // Published: change 3, active 6, all 8, reg 6, digits 3.
-    let want_total = 3 + 6 + 8 + 6 + 3;
+    // Published: change 3, active 6, all 8, reg 6, digits 3, digits_thr 1.
+    let want_total = 3 + 6 + 8 + 6 + 3 + 1;
     let msgs = obs
         .collect_until(Duration::from_secs(60), |m| m.len() >= want_total)
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
@@ -151,12 +160,17 @@ fn anomaly_and_classification_events_publish_changes_only() {
     let d: Vec<u64> = by["out/digits/d1"].iter().map(|v| v["seq"].as_u64().expect("seq")).collect();
     assert_eq!(d, vec![0, 3, 5], "digits: first, then each change of the top-1 class");
 
+    let thr = &by["out/digits_thr/d1"];
+    assert_eq!(thr.len(), 1, "{thr:?}");
+    assert_eq!(thr[0]["top_k"], serde_json::json!([]), "nothing scores 2.0: {}", thr[0]);
     let h = wait_health(broker.port, "events", Duration::from_secs(15), |v| {
         v["pipelines"]["change"]["counters"]["served"] == 8
             && v["pipelines"]["digits"]["counters"]["served"] == 6
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
-    for (p, withheld) in [("change", 5), ("active", 2), ("all", 0), ("reg", 2), ("digits", 3)] {
+    for (p, withheld) in
+        [("change", 5), ("active", 2), ("all", 0), ("reg", 2), ("digits", 3), ("digits_thr", 5)]
+    {
         let c = &h["pipelines"][p]["counters"];
         assert_eq!(c["results_suppressed"], withheld, "{p}: {c}");
     }

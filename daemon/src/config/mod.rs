@@ -437,6 +437,8 @@ pub struct ClassificationConfig {
     pub output: Option<String>,
     /// Apply softmax to the scores before ranking (for models that emit logits).
     pub softmax: bool,
+    /// Only classes scoring at least this (after softmax) are listed in `top_k`.
+    pub score_threshold: Option<f64>,
     /// Also publish the raw output tensors.
     pub include_outputs: bool,
 }
@@ -1363,6 +1365,7 @@ fn pipeline(
                     labels: pp.string(p, "labels").map(|l| resolve(base, l)),
                     output: pp.string(p, "output").map(str::to_string),
                     softmax: pp.bool(p, "softmax").unwrap_or(false),
+                    score_threshold: pp.float(p, "score_threshold", -f64::MAX, f64::MAX),
                     include_outputs: pp.bool(p, "include_outputs").unwrap_or(true),
                 }),
                 2 => PostProcess::Detection(DetectionConfig {

@@ -275,6 +275,7 @@ mod tests {
             labels: None,
             output: None,
             softmax: false,
+            score_threshold: None,
             include_outputs: false,
         });
         assert!(EventGate::new(&events(Publish::Always), &post).is_none(), "nothing to gate");

@@ -150,10 +150,11 @@ impl ResultWriter {
                     c.top_k,
                     c.softmax,
                 );
-                match self.scratch.first() {
-                    Some((index, _)) => Observation::Key(*index as u64),
-                    None => Observation::None,
+                if let Some(t) = c.score_threshold {
+                    self.scratch.retain(|(_, score)| *score >= t);
                 }
+                // No class over the threshold is a state of its own for event mode.
+                Observation::Key(self.scratch.first().map_or(u64::MAX, |(index, _)| *index as u64))
             }
             PostProcess::Regression(v) | PostProcess::AnomalyScore(v) => {
                 self.value = output()?.get_f64(v.index).unwrap_or(f64::NAN);
