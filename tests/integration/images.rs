@@ -260,15 +260,7 @@ fn validate_models_says_how_the_preprocessing_disagrees_with_the_model() {
         )
         .expect("write");
     };
-    let validate = || {
-        let out = edgeinfer_tests::edgeinfer(&[
-            "validate",
-            "--config",
-            cfg.to_str().expect("utf8"),
-            "--models",
-        ]);
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
+    let validate = || edgeinfer_tests::validate_models(&cfg);
     write(&plan("classify"));
     let (code, stderr) = validate();
     assert_eq!(code, Some(0), "{stderr}");

@@ -239,6 +239,12 @@ pub fn edgeinfer(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run edgeinfer: {e}"))
 }
 
+/// `edgeinfer validate --config CFG --models`: (exit code, stderr).
+pub fn validate_models(cfg: &Path) -> (Option<i32>, String) {
+    let out = edgeinfer(&["validate", "--config", cfg.to_str().expect("utf8 path"), "--models"]);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// The daemon as a child process with its own config and log file. Killed on drop.
 pub struct Daemon {
     pub dir: tempfile::TempDir,

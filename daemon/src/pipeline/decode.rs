@@ -298,18 +298,10 @@ impl Decoder {
                 ),
             ));
         }
-        if cfg.dtype == WireSample::F32
-            && self.nan == NanPolicy::Reject
-            && let Some(i) = first_non_finite(DType::F32, &payload)
-        {
-            return Err(Reject::new(
-                RejectReason::NonFinite,
-                format!("sample {i} of the chunk is not finite (nan = \"reject\")"),
-            ));
+        if cfg.dtype == WireSample::F32 {
+            check_finite(self.nan, DType::F32, &payload, |i| format!("sample {i} of the chunk"))?;
         }
-        let mut inputs = SmallVec::new();
-        inputs.push(payload);
-        Ok(Decoded { seq: None, ts: None, deadline_ms: None, inputs })
+        Ok(single(payload))
     }
 
     /// Image frames: cheap checks only, the payload is queued as it came (zero-copy).
@@ -320,18 +312,10 @@ impl Decoder {
             Some(SampleType::F16) => Some(DType::F16),
             _ => None,
         };
-        if let Some(dt) = float
-            && self.nan == NanPolicy::Reject
-            && let Some(i) = first_non_finite(dt, &payload)
-        {
-            return Err(Reject::new(
-                RejectReason::NonFinite,
-                format!("sample {i} of the raw image is not finite (nan = \"reject\")"),
-            ));
+        if let Some(dt) = float {
+            check_finite(self.nan, dt, &payload, |i| format!("sample {i} of the raw image"))?;
         }
-        let mut inputs = SmallVec::new();
-        inputs.push(payload);
-        Ok(Decoded { seq: None, ts: None, deadline_ms: None, inputs })
+        Ok(single(payload))
     }
 
     fn decode_raw(&self, payload: Bytes) -> Result<Decoded, Reject> {
@@ -349,17 +333,10 @@ impl Decoder {
                 ),
             ));
         }
-        if self.nan == NanPolicy::Reject
-            && let Some(i) = first_non_finite(spec.dtype, &payload)
-        {
-            return Err(Reject::new(
-                RejectReason::NonFinite,
-                format!("element {i} of input `{}` is not finite (nan = \"reject\")", spec.name),
-            ));
-        }
-        let mut inputs = SmallVec::new();
-        inputs.push(payload);
-        Ok(Decoded { seq: None, ts: None, deadline_ms: None, inputs })
+        check_finite(self.nan, spec.dtype, &payload, |i| {
+            format!("element {i} of input `{}`", spec.name)
+        })?;
+        Ok(single(payload))
     }
 
     fn decode_json(&self, payload: &[u8]) -> Result<Decoded, Reject> {
@@ -467,6 +444,30 @@ impl Decoder {
 }
 
 /// Index of the first NaN/inf element of a float tensor in little-endian bytes.
+/// Refuses `b` when it holds a non-finite float and the policy is `reject`; `what(i)` names
+/// element `i` in the error.
+fn check_finite(
+    nan: NanPolicy,
+    dt: DType,
+    b: &[u8],
+    what: impl FnOnce(usize) -> String,
+) -> Result<(), Reject> {
+    match first_non_finite(dt, b) {
+        Some(i) if nan == NanPolicy::Reject => Err(Reject::new(
+            RejectReason::NonFinite,
+            format!("{} is not finite (nan = \"reject\")", what(i)),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A frame that is its one payload, queued as it came (zero-copy), without frame metadata.
+fn single(payload: Bytes) -> Decoded {
+    let mut inputs = SmallVec::new();
+    inputs.push(payload);
+    Decoded { seq: None, ts: None, deadline_ms: None, inputs }
+}
+
 pub(super) fn first_non_finite(dt: DType, b: &[u8]) -> Option<usize> {
     match dt {
         DType::F32 => b
