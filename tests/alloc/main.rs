@@ -83,95 +83,126 @@ fn fixture(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models").join(rel)
 }
 
+/// One pipeline driven frame by frame on this thread: ingest, pop, serve, with a counting
+/// publisher.
+struct Rig {
+    p: Pipeline,
+    model: Model,
+    filter: edgeinfer::topic::TopicFilter,
+    session: edgeinfer::model::Session,
+    writer: ResultWriter,
+    scratch: Scratch,
+    publisher: CountingPublisher,
+}
+
+impl Rig {
+    /// The first pipeline of config `text`, with `labels`.
+    fn new(text: &str, labels: Vec<String>) -> Rig {
+        let cfg = Config::parse_str(text, "alloc test", None).expect("config");
+        let pc = cfg.pipelines[0].clone();
+        let model =
+            Model::load(&pc.model, &LoadOptions { name: pc.name.clone(), ..Default::default() })
+                .expect("model");
+        let p = Pipeline::new(
+            pc.clone(),
+            model.clone(),
+            labels.clone(),
+            &cfg.device_id,
+            &cfg.errors,
+            cfg.metrics.max_clock_skew,
+        )
+        .expect("pipeline");
+        Rig {
+            session: model.session().expect("session"),
+            writer: ResultWriter::new(pc.postprocess.clone(), labels, &model).expect("writer"),
+            filter: pc.input.clone(),
+            scratch: Scratch::default(),
+            publisher: CountingPublisher(AtomicU64::new(0)),
+            model,
+            p,
+        }
+    }
+
+    fn serve(&mut self, topic: String, payload: Bytes) {
+        let caps = self.filter.matches(&topic).expect("match");
+        assert!(self.p.ingest(topic, caps, payload, &self.publisher).is_none());
+        match self.p.queue.pop(Duration::ZERO) {
+            Pop::Item(frame) => self.p.serve_frame(
+                &mut self.session,
+                &mut self.writer,
+                &mut self.scratch,
+                frame,
+                &self.publisher,
+            ),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+        self.p.queue.done();
+    }
+
+    fn published(&self) -> usize {
+        self.publisher.0.load(Ordering::Relaxed) as usize
+    }
+
+    /// (allocations, bytes) of `frames` runs of tract alone, on a second warmed session.
+    fn tract(&self, frames: usize) -> (u64, u64) {
+        let mut s2 = self.model.session().expect("session");
+        for _ in 0..10 {
+            s2.run().expect("run");
+        }
+        let (a, b) = (allocs(), bytes_allocated());
+        for _ in 0..frames {
+            s2.run().expect("run");
+        }
+        (allocs() - a, bytes_allocated() - b)
+    }
+}
+
 /// Image frames on the mobilenet fixture: (allocations per frame, bytes per frame) of the
 /// daemon's path (ingest, worker decode + pre-processing into the tensor, result), tract's own
 /// run subtracted.
 fn measure_image(format: &str, file: &str, extra: &str, frames: usize) -> (f64, f64) {
-    let model_path = fixture("mobilenet/model.onnx");
-    let text = format!(
-        "device_id = \"a\"\n[pipelines.cam]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\n\
-         format = \"{format}\"\nmax_payload = \"1MiB\"\n[pipelines.cam.preprocess]\n\
-         resize = {{ width = 256, height = 256 }}\ncenter_crop = {{ width = 224, height = 224 }}\n\
-         scale = 0.00392156862745098\n{extra}",
-        model_path.display().to_string()
+    let mut rig = Rig::new(
+        &format!(
+            "device_id = \"a\"\n[pipelines.cam]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\n\
+             format = \"{format}\"\nmax_payload = \"1MiB\"\n[pipelines.cam.preprocess]\n\
+             resize = {{ width = 256, height = 256 }}\ncenter_crop = {{ width = 224, height = 224 }}\n\
+             scale = 0.00392156862745098\n{extra}",
+            fixture("mobilenet/model.onnx").display().to_string()
+        ),
+        Vec::new(),
     );
-    let cfg = Config::parse_str(&text, "alloc test", None).expect("config");
-    let pc = cfg.pipelines[0].clone();
-    let model = Model::load(&pc.model, &LoadOptions::default()).expect("model");
-    let p = Pipeline::new(pc.clone(), model.clone(), Vec::new(), "a", &cfg.errors, Duration::ZERO)
-        .expect("pipeline");
-    let publisher = CountingPublisher(AtomicU64::new(0));
-    let mut session = model.session().expect("session");
-    let mut writer = ResultWriter::new(pc.postprocess.clone(), Vec::new(), &model).expect("writer");
-    let mut scratch = Scratch::default();
     let data =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images").join(file))
             .expect("image");
-    let filter = pc.input.clone();
-    let mut serve = |topic: String, payload: Bytes| {
-        let caps = filter.matches(&topic).expect("match");
-        assert!(p.ingest(topic, caps, payload, &publisher).is_none());
-        match p.queue.pop(Duration::ZERO) {
-            Pop::Item(frame) => {
-                p.serve_frame(&mut session, &mut writer, &mut scratch, frame, &publisher)
-            }
-            other => panic!("expected a frame, got {other:?}"),
-        }
-        p.queue.done();
-    };
     for _ in 0..5 {
-        serve("s/dev1".to_string(), Bytes::from(data.clone()));
+        rig.serve("s/dev1".to_string(), Bytes::from(data.clone()));
     }
     let inputs: Vec<(String, Bytes)> =
         (0..frames).map(|_| ("s/dev1".to_string(), Bytes::from(data.clone()))).collect();
     let (a0, b0) = (allocs(), bytes_allocated());
     for (t, b) in inputs {
-        serve(t, b);
+        rig.serve(t, b);
     }
     let (a1, b1) = (allocs(), bytes_allocated());
-    assert_eq!(publisher.0.load(Ordering::Relaxed) as usize, 5 + frames, "every frame served");
-    let mut s2 = model.session().expect("session");
-    s2.run().expect("run");
-    let (a2, b2) = (allocs(), bytes_allocated());
-    for _ in 0..frames {
-        s2.run().expect("run");
-    }
-    let (a3, b3) = (allocs(), bytes_allocated());
+    assert_eq!(rig.published(), 5 + frames, "every frame served");
+    let (ta, tb) = rig.tract(frames);
     let n = frames as f64;
-    (((a1 - a0) as f64 - (a3 - a2) as f64) / n, ((b1 - b0) as f64 - (b3 - b2) as f64) / n)
+    (((a1 - a0) as f64 - ta as f64) / n, ((b1 - b0) as f64 - tb as f64) / n)
 }
 
 /// (allocations per frame on the whole path, allocations per tract run) for `format`.
 fn measure(format: &str, frames: usize) -> (f64, f64) {
-    let model_path = fixture("digits/model.onnx");
-    let text = format!(
-        "device_id = \"a\"\n[pipelines.digits]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nformat = \"{format}\"\n\
-         max_age = \"10s\"\ndeadline = \"10s\"\n\
-         [pipelines.digits.slo]\nlatency = \"10s\"\nserved = 0.99\n\
-         [pipelines.digits.overload]\nadaptive = true\n\
-         [pipelines.digits.queue]\ncapacity = 8\n[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 3\n",
-        model_path.display().to_string()
+    let mut rig = Rig::new(
+        &format!(
+            "device_id = \"a\"\n[pipelines.digits]\nmodel = {:?}\ninput = \"s/+\"\noutput = \"r/{{1}}\"\nformat = \"{format}\"\n\
+             max_age = \"10s\"\ndeadline = \"10s\"\n\
+             [pipelines.digits.slo]\nlatency = \"10s\"\nserved = 0.99\n\
+             [pipelines.digits.overload]\nadaptive = true\n\
+             [pipelines.digits.queue]\ncapacity = 8\n[pipelines.digits.postprocess]\nkind = \"classification\"\ntop_k = 3\n",
+            fixture("digits/model.onnx").display().to_string()
+        ),
+        (0..10).map(|i| i.to_string()).collect(),
     );
-    let cfg = Config::parse_str(&text, "alloc test", None).expect("config");
-    let pc = cfg.pipelines[0].clone();
-    let model =
-        Model::load(&pc.model, &LoadOptions { name: pc.name.clone(), ..Default::default() })
-            .expect("model");
-    let labels: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    let p = Pipeline::new(
-        pc.clone(),
-        model.clone(),
-        labels.clone(),
-        &cfg.device_id,
-        &cfg.errors,
-        cfg.metrics.max_clock_skew,
-    )
-    .expect("pipeline");
-    let publisher = CountingPublisher(AtomicU64::new(0));
-    let mut session = model.session().expect("session");
-    let mut writer = ResultWriter::new(pc.postprocess.clone(), labels, &model).expect("writer");
-    let mut scratch = Scratch::default();
-
     let input = std::fs::read(fixture("digits/samples/003/input.pixels.bin")).expect("input");
     let floats: Vec<f32> =
         input.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
@@ -184,42 +215,21 @@ fn measure(format: &str, frames: usize) -> (f64, f64) {
         };
         ("s/dev1".to_string(), payload)
     };
-    let filter = pc.input.clone();
-    let mut serve = |topic: String, payload: Bytes| {
-        let caps = filter.matches(&topic).expect("match");
-        assert!(p.ingest(topic, caps, payload, &publisher).is_none());
-        match p.queue.pop(Duration::ZERO) {
-            Pop::Item(frame) => {
-                p.serve_frame(&mut session, &mut writer, &mut scratch, frame, &publisher)
-            }
-            other => panic!("expected a frame, got {other:?}"),
-        }
-        p.queue.done();
-    };
     // Warm up: buffers reach their steady-state capacity.
     for seq in 0..50 {
         let (t, b) = make(seq);
-        serve(t, b);
+        rig.serve(t, b);
     }
     // New seqs: the same seq and payload again would be a redelivery, dropped as a duplicate.
     let inputs: Vec<(String, Bytes)> = (50..50 + frames).map(make).collect();
     let before = allocs();
     for (t, b) in inputs {
-        serve(t, b);
+        rig.serve(t, b);
     }
     let path = (allocs() - before) as f64 / frames as f64;
-    assert_eq!(publisher.0.load(Ordering::Relaxed) as usize, 50 + frames, "every frame served");
-
+    assert_eq!(rig.published(), 50 + frames, "every frame served");
     // tract's own allocations per run, on a second session of the same model.
-    let mut s2 = model.session().expect("session");
-    for _ in 0..10 {
-        s2.run().expect("run");
-    }
-    let before = allocs();
-    for _ in 0..frames {
-        s2.run().expect("run");
-    }
-    let tract = (allocs() - before) as f64 / frames as f64;
+    let tract = rig.tract(frames).0 as f64 / frames as f64;
     (path, tract)
 }
 

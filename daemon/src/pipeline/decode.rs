@@ -7,8 +7,6 @@
 //!   `{"seq": 7, "inputs": {"a": [...], "b": [...]}}`; arrays nested to the input's shape or flat
 //!   with exactly the element count. Numbers stream straight into the little-endian buffer
 //!   (no intermediate `serde_json::Value` tree).
-//!
-//!
 //! - `cbor`: the json structure in CBOR; a tensor may also be a byte string or an RFC 8746
 //!   typed array, sliced zero-copy ([`super::cbor`]).
 //!
@@ -111,7 +109,17 @@ impl Decoder {
         if format == PayloadFormat::PcmS16le {
             return Err("format \"pcm_s16le\" needs a window (Decoder::with_window)".into());
         }
-        Ok(Self {
+        Ok(Self::base(format, specs, max_payload, nan))
+    }
+
+    /// A tensor-frame decoder; the image and window constructors add their part.
+    fn base(
+        format: PayloadFormat,
+        specs: Vec<TensorSpec>,
+        max_payload: u64,
+        nan: NanPolicy,
+    ) -> Self {
+        Self {
             format,
             specs,
             max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
@@ -119,7 +127,21 @@ impl Decoder {
             image: None,
             window: None,
             envelope: Envelope::None,
-        })
+        }
+    }
+
+    /// The model's only input, or why `what` cannot feed this model.
+    fn only_input<'a>(specs: &'a [TensorSpec], what: &str) -> Result<&'a TensorSpec, String> {
+        match specs {
+            [spec] => Ok(spec),
+            _ => {
+                let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                Err(format!(
+                    "{what} feed exactly one input tensor, but the model has {} ({names:?})",
+                    specs.len()
+                ))
+            }
+        }
     }
 
     /// A decoder for sample streams (`pcm_s16le`, or `raw` with a `[window]`): checks the
@@ -134,24 +156,10 @@ impl Decoder {
         if !matches!(format, PayloadFormat::PcmS16le | PayloadFormat::Raw) {
             return Err(format!("format \"{}\" does not carry sample streams", format.as_str()));
         }
-        let [spec] = specs.as_slice() else {
-            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!(
-                "windows feed exactly one input tensor, but the model has {} ({names:?})",
-                specs.len()
-            ));
-        };
+        let spec = Self::only_input(&specs, "windows")?;
         let plan = WindowPlan::new(window, spec)
             .map_err(|e| format!("{} stream: {e}", format.as_str()))?;
-        Ok(Self {
-            format,
-            specs,
-            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
-            nan,
-            image: None,
-            window: Some(plan),
-            envelope: Envelope::None,
-        })
+        Ok(Self { window: Some(plan), ..Self::base(format, specs, max_payload, nan) })
     }
 
     /// Binary frames start with an envelope (`envelope = "edgeinfer-v1"`).
@@ -177,23 +185,9 @@ impl Decoder {
         if format == PayloadFormat::Json {
             return Err("json frames carry tensors, not images".into());
         }
-        let [spec] = specs.as_slice() else {
-            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!(
-                "image frames feed exactly one input tensor, but the model has {} ({names:?})",
-                specs.len()
-            ));
-        };
+        let spec = Self::only_input(&specs, "image frames")?;
         let image = ImageInput::new(format, image, spec)?;
-        Ok(Self {
-            format,
-            specs,
-            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
-            nan,
-            image: Some(image),
-            window: None,
-            envelope: Envelope::None,
-        })
+        Ok(Self { image: Some(image), ..Self::base(format, specs, max_payload, nan) })
     }
 
     /// The image input, when frames are images the workers decode.

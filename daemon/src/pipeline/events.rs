@@ -50,6 +50,8 @@ pub struct Decision {
     pub reason: &'static str,
     /// Results of this device withheld since its previous published one.
     pub suppressed: u64,
+    /// The pipeline's publish mode.
+    pub mode: Publish,
 }
 
 #[derive(Debug)]
@@ -91,10 +93,6 @@ impl EventGate {
         })
     }
 
-    pub fn publish_mode(&self) -> Publish {
-        self.cfg.publish
-    }
-
     /// Devices with state now.
     pub fn devices(&self) -> usize {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -128,7 +126,13 @@ impl EventGate {
         }
         let Some(st) = map.get_mut(device) else {
             // Inserted just above under the same lock.
-            return Decision { publish: true, active: None, reason: "always", suppressed: 0 };
+            return Decision {
+                publish: true,
+                active: None,
+                reason: "always",
+                suppressed: 0,
+                mode: self.cfg.publish,
+            };
         };
         let band = self.band;
         if !first && frame < st.last_frame {
@@ -138,7 +142,13 @@ impl EventGate {
                 st.suppressed += 1;
             }
             let active = band.map(|_| st.active);
-            return Decision { publish, active, reason: "stale", suppressed };
+            return Decision {
+                publish,
+                active,
+                reason: "stale",
+                suppressed,
+                mode: self.cfg.publish,
+            };
         }
         st.last_frame = frame;
         st.last_seen = now;
@@ -191,7 +201,13 @@ impl EventGate {
         } else {
             st.suppressed += 1;
         }
-        Decision { publish, active: band.map(|_| st.active), reason, suppressed }
+        Decision {
+            publish,
+            active: band.map(|_| st.active),
+            reason,
+            suppressed,
+            mode: self.cfg.publish,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use crate::model::Model;
 use crate::telemetry::slo::SloTracker;
 use crate::telemetry::{DropReason, PipelineStats};
 use crate::topic::Captures;
-use decode::{Decoder, Reject};
+use decode::{Decoded, Decoder, Reject};
 use output::{ErrorMsg, unix_us};
 use overload::{Controller, Shedder};
 use queue::{FrameQueue, Push};
@@ -378,20 +378,7 @@ impl Pipeline {
             self.stats.drop_frame(DropReason::Shed);
             return None;
         }
-        let fp = self.cfg.dedup.then(|| dedup::fingerprint(&payload));
-        let decoded = match self.decoder.decode(payload) {
-            Ok(d) => d,
-            Err(r) => {
-                self.reject(&topic, &r, publisher);
-                return None;
-            }
-        };
-        if let (Some(fp), Some(seq)) = (fp, decoded.seq)
-            && self.dedup.is_duplicate(&topic, seq, fp)
-        {
-            self.stats.drop_frame(DropReason::Duplicate);
-            return None;
-        }
+        let decoded = self.decode_new(&topic, payload, publisher)?;
         let frame = Frame {
             id: self.next_frame.fetch_add(1, Ordering::Relaxed),
             topic,
@@ -420,6 +407,31 @@ impl Pipeline {
         None
     }
 
+    /// Decodes a payload and drops QoS 1 redeliveries (same topic, seq and payload): a refused
+    /// payload is counted and reported, a repeat counted as `duplicate`; both give `None`.
+    fn decode_new(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        publisher: &dyn Publisher,
+    ) -> Option<Decoded> {
+        let fp = self.cfg.dedup.then(|| dedup::fingerprint(&payload));
+        let decoded = match self.decoder.decode(payload) {
+            Ok(d) => d,
+            Err(r) => {
+                self.reject(topic, &r, publisher);
+                return None;
+            }
+        };
+        if let (Some(fp), Some(seq)) = (fp, decoded.seq)
+            && self.dedup.is_duplicate(topic, seq, fp)
+        {
+            self.stats.drop_frame(DropReason::Duplicate);
+            return None;
+        }
+        Some(decoded)
+    }
+
     /// A chunk of a sample stream: decoded (envelope, whole frames), then assembled; every
     /// window it completes is a frame offered to the queue.
     ///
@@ -441,22 +453,11 @@ impl Pipeline {
         received: Instant,
         received_us: u64,
     ) {
-        let fp = self.cfg.dedup.then(|| dedup::fingerprint(&payload));
-        let decoded = match self.decoder.decode(payload) {
-            Ok(d) => d,
-            Err(r) => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
-                self.reject(&topic, &r, publisher);
-                return;
-            }
-        };
-        if let (Some(fp), Some(seq)) = (fp, decoded.seq)
-            && self.dedup.is_duplicate(&topic, seq, fp)
-        {
+        let Some(decoded) = self.decode_new(&topic, payload, publisher) else {
+            // Counted as rejected or duplicate: it enters `received` like a frame would.
             self.stats.received.fetch_add(1, Ordering::Relaxed);
-            self.stats.drop_frame(DropReason::Duplicate);
             return;
-        }
+        };
         let Some(samples) = decoded.inputs.into_iter().next() else { return };
         let chunk = window::Chunk { seq: decoded.seq, ts: decoded.ts, samples };
         let mut asm = asm.lock().unwrap_or_else(|e| e.into_inner());

@@ -16,7 +16,7 @@ use serde::ser::{SerializeSeq, Serializer};
 use super::detect::{self, DetectScratch, Detection};
 use super::events::{Decision, Observation};
 use super::preprocess::SourceMap;
-use crate::config::events::ValueConfig;
+use crate::config::events::{Publish, ValueConfig};
 use crate::config::{ClassificationConfig, DetectionConfig, PostProcess};
 use crate::model::{DType, Model, OutputTensor, Session};
 
@@ -172,7 +172,6 @@ impl ResultWriter {
         session: &Session,
         row: usize,
         event: Option<&Decision>,
-        mode: &'static str,
     ) -> serde_json::Result<()> {
         buf.clear();
         let mut detections = None;
@@ -202,8 +201,8 @@ impl ResultWriter {
                 (None, v.include_outputs)
             }
         };
-        let event = event.filter(|_| mode != "always").map(|e| EventMsg {
-            publish: mode,
+        let event = event.filter(|e| e.mode != Publish::Always).map(|e| EventMsg {
+            publish: e.mode.as_str(),
             reason: e.reason,
             suppressed: e.suppressed,
         });

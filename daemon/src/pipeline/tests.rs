@@ -121,12 +121,7 @@ fn json_frames_are_served_with_reference_outputs_and_labels() {
         assert_eq!(v["ts"], 5.5);
         assert_eq!(v["model"]["name"], "digits");
         assert_eq!(v["model"]["version"], "1", "from the ONNX model_version");
-        let got: Vec<f64> = v["outputs"][0]["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|x| x.as_f64().expect("f"))
-            .collect();
+        let got = first_output(v);
         let (_, want) = sample(i);
         let scale = want.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
         for (g, w) in got.iter().zip(&want) {
@@ -420,6 +415,16 @@ fn batch_limit_one_runs_frames_singly() {
     assert_eq!(p.batch_limit(), 4, "clamped to the largest plan");
 }
 
+/// The first output tensor's data of a result message.
+fn first_output(v: &serde_json::Value) -> Vec<f64> {
+    v["outputs"][0]["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|x| x.as_f64().expect("f"))
+        .collect()
+}
+
 fn correlation(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
@@ -497,12 +502,7 @@ fn image_frames_are_decoded_by_workers_and_bad_ones_rejected_there() {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     for r in results {
-        let got: Vec<f64> = r["outputs"][0]["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|x| x.as_f64().expect("f"))
-            .collect();
+        let got = first_output(r);
         let want: Vec<f64> = want.iter().map(|x| f64::from(*x)).collect();
         let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
         let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
@@ -586,12 +586,7 @@ fn an_image_rejected_inside_a_batch_only_skips_its_row() {
             .chunks_exact(4)
             .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect();
-        let got: Vec<f64> = v["outputs"][0]["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|x| x.as_f64().expect("f"))
-            .collect();
+        let got = first_output(&v);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{i}: {got:?} vs {want:?}");
         }

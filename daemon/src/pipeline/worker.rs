@@ -513,10 +513,7 @@ impl Pipeline {
             p.stats.record_served(total);
             return;
         }
-        let mode = p.events.as_ref().map_or("always", |g| g.publish_mode().as_str());
-        if let Err(e) =
-            writer.write(&mut scratch.payload, &meta, session, row, decision.as_ref(), mode)
-        {
+        if let Err(e) = writer.write(&mut scratch.payload, &meta, session, row, decision.as_ref()) {
             p.stats.fail(FailReason::Publish);
             log::error!(pipeline = p.name(); "cannot serialize result: {e}");
             return;

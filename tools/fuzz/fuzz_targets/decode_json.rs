@@ -1,31 +1,10 @@
-//! JSON frames for a two-input model (f32 [1,3,4] and i64 [1,2]): decoded or rejected with a
-//! reason, never a panic, and never more than the declared tensors allocated.
+//! JSON frames for a one-input and a two-input model (f32 [1,3,4] and i64 [1,2]): decoded or
+//! rejected with a reason, never a panic, and never more than the declared tensors allocated.
 #![no_main]
-use bytes::Bytes;
-use edgeinfer::config::{NanPolicy, PayloadFormat};
-use edgeinfer::model::{DType, Dim, TensorSpec};
-use edgeinfer::pipeline::decode::Decoder;
+use edgeinfer::config::PayloadFormat;
 use libfuzzer_sys::fuzz_target;
 
-fn spec(name: &str, dtype: DType, shape: &[usize]) -> TensorSpec {
-    TensorSpec {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        declared: shape.iter().map(|&d| Dim::Fixed(d)).collect(),
-    }
-}
+#[path = "structured_common.rs"]
+mod structured_common;
 
-fuzz_target!(|data: &[u8]| {
-    for specs in [
-        vec![spec("x", DType::F32, &[1, 3, 4])],
-        vec![spec("a", DType::F32, &[1, 3, 4]), spec("b", DType::I64, &[1, 2])],
-    ] {
-        for nan in [NanPolicy::Reject, NanPolicy::Allow] {
-            let Ok(d) = Decoder::new(PayloadFormat::Json, specs.clone(), 1 << 16, nan) else {
-                return;
-            };
-            let _ = d.decode(Bytes::copy_from_slice(data));
-        }
-    }
-});
+fuzz_target!(|data: &[u8]| structured_common::decode_all(PayloadFormat::Json, data));
