@@ -481,52 +481,50 @@ pub fn prometheus(app: &App) -> String {
     let streams: Vec<&Pipeline> =
         ps.iter().map(|p| &**p).filter(|p| p.cfg.window.is_some()).collect();
     if !streams.is_empty() {
-        e.family(
-            "edgeinfer_window_chunks_total",
-            Kind::Counter,
-            "Stream chunks by what the window assembly did with them (see docs/messages.md, Sample streams).",
-        );
-        for p in &streams {
-            for (k, v) in p.window_stats.counters() {
-                if matches!(
-                    k,
-                    "chunks" | "assembled" | "reordered" | "late" | "refused" | "discarded"
-                ) {
-                    e.sample(
-                        "edgeinfer_window_chunks_total",
-                        &[("pipeline", p.name()), ("event", k)],
-                        v as f64,
-                    );
+        // Labelled families: the counters named in `keys`, one sample per (pipeline, key).
+        let labelled: [(&str, &str, &[&str]); 2] = [
+            (
+                "edgeinfer_window_chunks_total",
+                "Stream chunks by what the window assembly did with them (see docs/messages.md, Sample streams).",
+                &["chunks", "assembled", "reordered", "late", "refused", "discarded"],
+            ),
+            (
+                "edgeinfer_window_events_total",
+                "Window assembly events: windows completed, gaps, resets, devices evicted.",
+                &["windows", "gaps", "resets", "evicted"],
+            ),
+        ];
+        for (name, help, keys) in labelled {
+            e.family(name, Kind::Counter, help);
+            for p in &streams {
+                for (k, v) in p.window_stats.counters() {
+                    if keys.contains(&k) {
+                        e.sample(name, &[("pipeline", p.name()), ("event", k)], v as f64);
+                    }
                 }
             }
         }
-        e.family(
-            "edgeinfer_window_events_total",
-            Kind::Counter,
-            "Window assembly events: windows completed, gaps, resets, devices evicted.",
-        );
-        for p in &streams {
-            for (k, v) in p.window_stats.counters() {
-                if matches!(k, "windows" | "gaps" | "resets" | "evicted") {
-                    e.sample(
-                        "edgeinfer_window_events_total",
-                        &[("pipeline", p.name()), ("event", k)],
-                        v as f64,
-                    );
-                }
-            }
-        }
-        let per: [(&str, &str, &str); 3] = [
+        let per: [(&str, &str, Kind, &str); 3] = [
             (
                 "edgeinfer_window_zero_filled_samples_total",
                 "zero_filled",
+                Kind::Counter,
                 "Samples per channel written as zeros for gaps (gap = \"zero_fill\").",
             ),
-            ("edgeinfer_window_devices", "devices", "Devices with window assembly state."),
-            ("edgeinfer_window_held_chunks", "held", "Chunks waiting in reorder buffers."),
+            (
+                "edgeinfer_window_devices",
+                "devices",
+                Kind::Gauge,
+                "Devices with window assembly state.",
+            ),
+            (
+                "edgeinfer_window_held_chunks",
+                "held",
+                Kind::Gauge,
+                "Chunks waiting in reorder buffers.",
+            ),
         ];
-        for (name, key, help) in per {
-            let kind = if key == "zero_filled" { Kind::Counter } else { Kind::Gauge };
+        for (name, key, kind, help) in per {
             e.family(name, kind, help);
             for p in &streams {
                 let v = p

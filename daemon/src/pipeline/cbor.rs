@@ -25,7 +25,7 @@
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::decode::{Decoded, Num, Reject, Sink, first_non_finite};
+use super::decode::{Decoded, Num, Reject, Sink, check_finite};
 use crate::config::NanPolicy;
 use crate::model::{DType, TensorSpec};
 use crate::telemetry::RejectReason;
@@ -492,14 +492,7 @@ fn tensor(
             return Err(malformed(format!("input `{}`: more than one item", spec.name)));
         }
         let b = payload.slice(from..r.pos);
-        if nan == NanPolicy::Reject
-            && let Some(i) = first_non_finite(spec.dtype, &b)
-        {
-            return Err(Reject::new(
-                RejectReason::NonFinite,
-                format!("element {i} of input `{}` is not finite (nan = \"reject\")", spec.name),
-            ));
-        }
+        check_finite(nan, spec.dtype, &b, |i| format!("element {i} of input `{}`", spec.name))?;
         return Ok(b);
     }
     // Numbers, nested or flat: streamed into the input's buffer like json.

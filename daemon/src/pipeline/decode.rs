@@ -440,7 +440,7 @@ impl Decoder {
 /// Index of the first NaN/inf element of a float tensor in little-endian bytes.
 /// Refuses `b` when it holds a non-finite float and the policy is `reject`; `what(i)` names
 /// element `i` in the error.
-fn check_finite(
+pub(super) fn check_finite(
     nan: NanPolicy,
     dt: DType,
     b: &[u8],
