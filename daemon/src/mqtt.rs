@@ -221,6 +221,21 @@ fn map_err(e: ClientError) -> PublishError {
     }
 }
 
+/// rumqttc writes a topic's length as a u16 without checking it: a longer topic would corrupt
+/// the connection's byte stream (the broker reads garbage as the next packet). Every publish
+/// goes through this first.
+fn check_topic(topic: &str) -> Result<(), PublishError> {
+    if topic.len() > crate::topic::MQTT_TOPIC_LIMIT {
+        return Err(PublishError::Topic(format!(
+            "{}… ({} bytes, above MQTT's {})",
+            crate::topic::shorten(topic, 64),
+            topic.len(),
+            crate::topic::MQTT_TOPIC_LIMIT
+        )));
+    }
+    Ok(())
+}
+
 impl Publisher for MqttPublisher {
     fn publish(
         &self,
@@ -229,6 +244,7 @@ impl Publisher for MqttPublisher {
         q: Qos,
         retain: bool,
     ) -> Result<(), PublishError> {
+        check_topic(topic)?;
         let deadline = Instant::now() + self.timeout;
         // rumqttc owns what it sends: the one copy of the result on its way out.
         let mut payload = payload.to_vec();
@@ -258,6 +274,7 @@ impl Publisher for MqttPublisher {
         q: Qos,
         retain: bool,
     ) -> Result<(), PublishError> {
+        check_topic(topic)?;
         self.client.try_publish(topic, qos(q), retain, payload).map_err(map_err)
     }
 }

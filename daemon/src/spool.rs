@@ -71,6 +71,9 @@ pub struct SpoolStats {
     pub segments_written: AtomicU64,
     /// Write, read or delete failures.
     pub errors: AtomicU64,
+    /// Results the segment format cannot hold (a topic above 65,535 bytes): counted and left
+    /// out, never failing the rest of their batch.
+    pub skipped: AtomicU64,
     /// Results found on disk at start-up (from a previous run).
     pub recovered: AtomicU64,
     /// Gauge: bytes held (on disk and in the batch).
@@ -90,6 +93,11 @@ pub struct Record {
 impl Record {
     fn size(&self) -> u64 {
         (RECORD_OVERHEAD + self.topic.len() + self.payload.len()) as u64
+    }
+
+    /// Whether the segment format can hold it (u16 topic length, u32 payload length).
+    fn storable(topic: &str, payload: &[u8]) -> bool {
+        topic.len() <= u16::MAX as usize && payload.len() <= u32::MAX as usize
     }
 }
 
@@ -212,9 +220,15 @@ impl Spool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the message if results are being spooled; `false`: publish it directly.
+    /// Takes the message if results are being spooled; `false`: publish it directly. A message
+    /// the segment format cannot hold is never taken (counted as `skipped`): the MQTT client
+    /// refuses it too, so its publisher reports the failure.
     pub fn offer(&self, topic: &str, payload: &[u8], qos: Qos) -> bool {
         if !self.spooling.load(Ordering::Acquire) {
+            return false;
+        }
+        if !Record::storable(topic, payload) {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let mut st = self.lock();
@@ -270,8 +284,8 @@ impl Spool {
         }
         let mut st = self.lock();
         let seq = st.segments.front().map_or(FIRST_SEQ - 1, |s| s.seq.saturating_sub(1));
-        let n = records.len() as u64;
-        let bytes = write_segment(&seg_path(&self.dir, seq), records.iter())?;
+        let (bytes, n) = write_segment(&seg_path(&self.dir, seq), records.iter())?;
+        self.count_skipped(records.len() as u64 - n);
         st.segments.push_front(Segment { seq, bytes, records: n });
         st.head_done = 0;
         st.spooling = true;
@@ -436,12 +450,23 @@ impl Spool {
         };
         let path = seg_path(&self.dir, seq);
         match write_segment(&path, batch.iter()) {
-            Ok(bytes) => {
+            Ok((bytes, written)) => {
+                let skipped = batch.len() as u64 - written;
+                if skipped > 0 {
+                    // The gauges counted them when they were offered.
+                    let skipped_bytes: u64 = batch
+                        .iter()
+                        .filter(|r| !Record::storable(&r.topic, &r.payload))
+                        .map(Record::size)
+                        .sum();
+                    self.sub_gauges(skipped_bytes, skipped);
+                    self.count_skipped(skipped);
+                }
                 // The gauges counted record sizes; the file adds its header.
                 self.stats.bytes.fetch_add(HEADER as u64, Ordering::Relaxed);
                 self.stats.segments_written.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
-                st.segments.push_back(Segment { seq, bytes, records: batch.len() as u64 });
+                st.segments.push_back(Segment { seq, bytes, records: written });
                 self.evict_disk(&mut st);
                 Ok(())
             }
@@ -454,6 +479,15 @@ impl Spool {
                 );
                 Err(batch)
             }
+        }
+    }
+
+    fn count_skipped(&self, n: u64) {
+        if n > 0 {
+            self.stats.skipped.fetch_add(n, Ordering::Relaxed);
+            log::error!(
+                "spool: {n} result(s) with a topic above 65,535 bytes cannot be stored; left out"
+            );
         }
     }
 
@@ -559,17 +593,23 @@ fn qos_byte(q: Qos) -> u8 {
     }
 }
 
-/// Writes a whole segment crash-safely; returns its size.
-fn write_segment<'a>(path: &Path, records: impl Iterator<Item = &'a Record>) -> io::Result<u64> {
+/// Writes a whole segment crash-safely; returns its size and the number of records written.
+/// Records the format cannot hold are left out (the caller counts them): one of them must
+/// never make the whole batch fail on every retry.
+fn write_segment<'a>(
+    path: &Path,
+    records: impl Iterator<Item = &'a Record>,
+) -> io::Result<(u64, u64)> {
     let mut buf = Vec::with_capacity(1 << 16);
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&[0; 4]);
     let mut n: u32 = 0;
     for r in records {
-        let topic_len = u16::try_from(r.topic.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "topic too long"))?;
-        let payload_len = u32::try_from(r.payload.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "payload too large"))?;
+        let (Ok(topic_len), Ok(payload_len)) =
+            (u16::try_from(r.topic.len()), u32::try_from(r.payload.len()))
+        else {
+            continue;
+        };
         let start = buf.len();
         buf.push(qos_byte(r.qos));
         buf.extend_from_slice(&topic_len.to_le_bytes());
@@ -582,7 +622,7 @@ fn write_segment<'a>(path: &Path, records: impl Iterator<Item = &'a Record>) -> 
     }
     buf[8..12].copy_from_slice(&n.to_le_bytes());
     fsutil::write_atomic(path, |f| f.write_all(&buf))?;
-    Ok(buf.len() as u64)
+    Ok((buf.len() as u64, u64::from(n)))
 }
 
 fn bad(msg: impl Into<String>) -> io::Error {
@@ -890,6 +930,35 @@ mod tests {
         assert_eq!(got.len() as u64 + evicted, 20);
         assert!(got.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(got.last(), Some(&19));
+        spool.stop();
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn a_record_the_format_cannot_hold_is_skipped_and_the_batch_still_lands() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spool = Spool::open(dir.path(), cfg(1 << 20)).expect("open");
+        spool.set_connected(false);
+        let long = "t".repeat(70_000);
+        assert!(spool.offer("r", b"1", Qos::AtLeastOnce));
+        assert!(!spool.offer(&long, b"x", Qos::AtLeastOnce), "refused at the door");
+        assert!(spool.offer("r", b"2", Qos::AtLeastOnce));
+        // One that got in anyway (e.g. held by the MQTT client at shutdown) is left out of its
+        // segment instead of failing it.
+        let preserved = vec![
+            Record { topic: long.clone(), payload: b"y".to_vec(), qos: Qos::AtLeastOnce },
+            Record { topic: "r".into(), payload: b"0".to_vec(), qos: Qos::AtLeastOnce },
+        ];
+        spool.preserve(preserved).expect("preserve");
+        seal_now(&spool);
+        assert_eq!(spool.stats.skipped.load(Ordering::Relaxed), 2);
+        assert_eq!(spool.stats.errors.load(Ordering::Relaxed), 0);
+        let fake = Arc::new(FakePublisher::default());
+        let t = spool.start(fake.clone()).expect("thread");
+        spool.set_connected(true);
+        assert!(wait_until(|| !spool.is_spooling()));
+        let got: Vec<u8> = fake.got.lock().expect("lock").iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(got, b"012".to_vec());
         spool.stop();
         t.join().expect("join");
     }

@@ -245,6 +245,24 @@ impl fmt::Display for TopicTemplate {
     }
 }
 
+/// The longest topic MQTT can encode (a u16 length prefix). A longer one would be written with
+/// a truncated length and corrupt the connection's byte stream, so every topic is checked
+/// against it before it reaches the client.
+pub const MQTT_TOPIC_LIMIT: usize = 65_535;
+
+/// At most the first `max` bytes of `topic` (cut at a character boundary), for log lines and
+/// error messages about hostile topics.
+pub fn shorten(topic: &str, max: usize) -> &str {
+    if topic.len() <= max {
+        return topic;
+    }
+    let mut end = max;
+    while !topic.is_char_boundary(end) {
+        end -= 1;
+    }
+    &topic[..end]
+}
+
 /// Checks that `s` can be used as one topic level (device ids, pipeline names): non-empty, no `/`,
 /// no wildcards, no NUL, at most 64 bytes.
 pub fn validate_level(s: &str) -> Result<(), String> {
@@ -327,6 +345,14 @@ mod tests {
         assert!(TopicTemplate::parse("x/device}", 1).is_err());
         assert!(TopicTemplate::parse("x/+/y", 1).is_err());
         assert!(TopicTemplate::parse("x/{device}/#", 1).is_err());
+    }
+
+    #[test]
+    fn shorten_cuts_at_a_character_boundary() {
+        assert_eq!(shorten("abc", 8), "abc");
+        assert_eq!(shorten("abcdef", 3), "abc");
+        // 'é' is two bytes: a cut inside it moves back before it.
+        assert_eq!(shorten("aé", 2), "a");
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod cli;
 mod events;
 mod faults;
 mod health;
+mod hostile;
 mod images;
 mod lifecycle;
 mod malformed;

@@ -47,6 +47,7 @@ struct Rig {
     model: PathBuf,
     key: PathBuf,
     device: String,
+    cfg: String,
 }
 
 fn rig(device: &str) -> Rig {
@@ -65,10 +66,12 @@ fn rig(device: &str) -> Rig {
     ) + &format!("\n[ota]\nenabled = true\n[ota.trusted_keys]\nfleet = \"{public}\"\n");
     let daemon = Daemon::start(&cfg).expect("daemon");
     wait_online(broker.port, device);
-    Rig { dir, broker, daemon, model, key, device: device.into() }
+    Rig { dir, broker, daemon, model, key, device: device.into(), cfg }
 }
 
-fn push(r: &Rig, model: &Path, version: &str, key: &Path, extra: &[&str]) -> (i32, String) {
+/// Runs `edgeinfer-ota push` of `model` as release `release` (`version` is the same number).
+fn push(r: &Rig, model: &Path, release: u64, key: &Path, extra: &[&str]) -> (i32, String) {
+    let version = release.to_string();
     let out = Command::new(ota_bin())
         .args([
             "push",
@@ -83,7 +86,9 @@ fn push(r: &Rig, model: &Path, version: &str, key: &Path, extra: &[&str]) -> (i3
         .arg(model)
         .args([
             "--version",
-            version,
+            &version,
+            "--release",
+            &version,
             "--key-id",
             "fleet",
             "--chunk-size",
@@ -115,7 +120,7 @@ fn a_delivery_interrupted_by_a_broker_restart_resumes_and_swaps_the_model_in() {
     let (code, text) = {
         // Half a transfer by hand, signed like the tool signs (the tool's manifest is
         // identical, so the daemon treats the tool's offer as a resume of this one).
-        let manifest = signed_manifest(&r, &v2, "2");
+        let manifest = signed_manifest(&r, &v2, 2);
         let dev = MqttClient::connect(r.broker.port, "ota-half").expect("client");
         let base = format!("edgeinfer/{}/ota/digits", r.device);
         dev.publish(&format!("{base}/manifest"), manifest, QoS::AtLeastOnce, false)
@@ -136,7 +141,7 @@ fn a_delivery_interrupted_by_a_broker_restart_resumes_and_swaps_the_model_in() {
         let watch = status_watch(&r);
         dev.publish(
             &format!("{base}/manifest"),
-            signed_manifest(&r, &v2, "2"),
+            signed_manifest(&r, &v2, 2),
             QoS::AtLeastOnce,
             false,
         )
@@ -152,7 +157,7 @@ fn a_delivery_interrupted_by_a_broker_restart_resumes_and_swaps_the_model_in() {
         // again on the same port). The daemon reconnects; its staged chunks are kept.
         r.broker.restart().expect("broker restart");
         wait_online(r.broker.port, &r.device);
-        push(&r, &v2, "2", &r.key, &[])
+        push(&r, &v2, 2, &r.key, &[])
     };
     assert_eq!(code, 0, "{text}\n{}", r.daemon.log());
     assert!(text.contains("installed version 2"), "{text}");
@@ -172,34 +177,174 @@ fn a_delivery_interrupted_by_a_broker_restart_resumes_and_swaps_the_model_in() {
     assert_eq!(res["model"]["version"], "2");
     fx.check_result(3, &res).expect("v2 reference");
     let log = r.daemon.log();
-    assert!(log.contains("OTA: version 2 received and verified"), "{log}");
+    assert!(log.contains("OTA: version 2 (release 2) received and verified"), "{log}");
 }
 
 #[test]
 fn refused_deliveries_say_why_and_leave_the_model_alone() {
-    let r = rig("ota-refuse");
+    let mut r = rig("ota-refuse");
     let v2 = fixtures().join("models/digits_v2/model.onnx");
+    let original = std::fs::read(&r.model).expect("model");
     let (other, _) = keygen(r.dir.path(), "other");
     // Signed by a key the device does not trust (under the trusted key's id).
-    let (code, text) = push(&r, &v2, "2", &other, &[]);
+    let (code, text) = push(&r, &v2, 2, &other, &[]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("bad signature"), "{text}");
-    // A replay of the running version.
-    let (code, text) = push(&r, &v2, "1", &r.key, &[]);
+    // Signed for another device, or expired.
+    let (code, text) = push(&r, &v2, 2, &r.key, &["--target", "someone-else"]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("not newer"), "{text}");
-    // A file the swap refuses (another model's signature), delivered and verified first.
-    let (code, text) = push(&r, &fixtures().join("models/sensor_cnn/model.onnx"), "3", &r.key, &[]);
+    assert!(text.contains("signed for target"), "{text}");
+    let (code, text) = push(&r, &v2, 2, &r.key, &["--expires-in", "0s"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("expired"), "{text}");
+    // A file the swap refuses (another model's signature), delivered and verified first: it is
+    // checked while still staged and never replaces the model file.
+    let (code, text) = push(&r, &fixtures().join("models/sensor_cnn/model.onnx"), 3, &r.key, &[]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("signature differs"), "{text}");
     assert_eq!(running_version(&r), "1");
+    assert_eq!(std::fs::read(&r.model).expect("model"), original, "the model file is untouched");
     assert!(r.daemon.log().contains("OTA rejected"));
+    // A restart after the refusal serves the previous model.
+    restart(&mut r);
+    assert_eq!(running_version(&r), "1");
+    let fx = Fixture::load("digits").expect("fixture");
+    let obs = MqttClient::connect(r.broker.port, "ota-obs").expect("observer");
+    obs.subscribe("o/+/out").expect("subscribe");
+    let dev = MqttClient::connect(r.broker.port, "ota-dev").expect("device");
+    dev.publish("o/a/in", fx.json_frame(2, 2), QoS::AtLeastOnce, false).expect("frame");
+    let res = obs.wait_json("o/a/out", Duration::from_secs(20), |_| true).expect("result");
+    fx.check_result(2, &res).expect("the previous model's reference");
+    // Release 3 was consumed by the refused delivery: sending it again is a replay.
+    let (code, text) = push(&r, &v2, 3, &r.key, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not above the last accepted release 3"), "{text}");
 }
 
-/// The manifest the tool publishes for `model`, signed with the rig's key file.
-fn signed_manifest(r: &Rig, model: &Path, version: &str) -> Vec<u8> {
+/// Releases 1 and 2 installed, then a replay of release 1: refused (the release counter is
+/// kept in the state directory, across restarts); a deliberate downgrade with `--force` works
+/// once (the device's nonce is signed in) and its replay is refused.
+#[test]
+fn replayed_and_downgrading_manifests_are_refused_and_force_works_once() {
+    let mut r = rig("ota-replay");
+    let v1 = fixtures().join("models/digits/model.onnx");
+    let v2 = fixtures().join("models/digits_v2/model.onnx");
+    // Release 1 (the model already running: installed as unchanged), then release 2.
+    let (code, text) = push(&r, &v1, 1, &r.key, &[]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = push(&r, &v2, 2, &r.key, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(running_version(&r), "2");
+    // Replays are refused before and after a restart, and leave no retained status behind.
+    for _ in 0..2 {
+        let (code, text) = push(&r, &v1, 1, &r.key, &[]);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("not above the last accepted release 2"), "{text}");
+        assert_eq!(running_version(&r), "2");
+        restart(&mut r);
+    }
+    let st = retained_status(&r, "digits").expect("the last transfer's status");
+    assert_eq!(st["state"], "installed", "a refused replay did not replace it: {st}");
+    // A deliberate downgrade: --force fetches the device's nonce and signs it in. A bystander
+    // on the bus records the manifests the tool publishes.
+    let spy = MqttClient::connect(r.broker.port, "ota-spy").expect("spy");
+    spy.subscribe("edgeinfer/ota-replay/ota/digits/manifest").expect("subscribe");
+    let (code, text) = push(&r, &v1, 1, &r.key, &["--force"]);
+    assert_eq!(code, 0, "{text}\n{}", r.daemon.log());
+    assert!(text.contains("signing the device's nonce"), "{text}");
+    assert_eq!(running_version(&r), "1");
+    // Replaying the forced manifest verbatim: the nonce is spent.
+    let replay = std::iter::from_fn(|| spy.recv(Duration::from_millis(500)))
+        .filter(|m| m.json()["nonce"].as_str().is_some_and(|n| !n.is_empty()))
+        .last()
+        .expect("the forced manifest, with the nonce")
+        .payload
+        .to_vec();
+    let watch = status_watch(&r);
+    let dev = MqttClient::connect(r.broker.port, "ota-replayer").expect("client");
+    dev.publish("edgeinfer/ota-replay/ota/digits/manifest", replay, QoS::AtLeastOnce, false)
+        .expect("replay");
+    let v = watch
+        .wait_json("edgeinfer/ota-replay/ota/digits/status", Duration::from_secs(20), |v| {
+            v["state"] == "rejected"
+        })
+        .expect("answer");
+    assert!(v["reason"].as_str().unwrap_or("").contains("nonce"), "{v}");
+}
+
+/// Status spam and chunk poisoning: manifests for pipelines that do not exist leave no
+/// retained message behind, and a forged chunk 0 sent ahead of the real one is refused by its
+/// hash while the real one is accepted.
+#[test]
+fn strangers_cannot_spam_statuses_or_poison_chunks() {
+    let r = rig("ota-spam");
+    let v2 = fixtures().join("models/digits_v2/model.onnx");
+    let bytes = std::fs::read(&v2).expect("v2");
+    let dev = MqttClient::connect(r.broker.port, "ota-stranger").expect("client");
+    let base = format!("edgeinfer/{}/ota", r.device);
+    for i in 0..20 {
+        dev.publish(&format!("{base}/ghost{i}/manifest"), b"{}".to_vec(), QoS::AtLeastOnce, false)
+            .expect("spam");
+        dev.publish(&format!("{base}/ghost{i}/chunk/0"), b"x".to_vec(), QoS::AtLeastOnce, false)
+            .expect("spam");
+    }
+    // The real manifest, then a forged chunk 0 ahead of the real stream.
+    let watch = status_watch(&r);
+    dev.publish(
+        &format!("{base}/digits/manifest"),
+        signed_manifest(&r, &v2, 2),
+        QoS::AtLeastOnce,
+        false,
+    )
+    .expect("manifest");
+    watch
+        .wait_json(&format!("{base}/digits/status"), Duration::from_secs(20), |v| {
+            v["state"] == "receiving"
+        })
+        .expect("receiving");
+    let mut forged = bytes[..1024].to_vec();
+    forged[100] ^= 0xff;
+    dev.publish(&format!("{base}/digits/chunk/0"), forged, QoS::AtLeastOnce, false)
+        .expect("forged");
+    let v = watch
+        .wait_json(&format!("{base}/digits/status"), Duration::from_secs(20), |v| {
+            v["refused_chunks"] == 1
+        })
+        .expect("the forged chunk refused");
+    assert!(v["reason"].as_str().unwrap_or("").contains("SHA-256"), "{v}");
+    drop(dev);
+    // The tool resumes the transfer: the real chunk 0 is accepted, the model installed.
+    let (code, text) = push(&r, &v2, 2, &r.key, &[]);
+    assert_eq!(code, 0, "{text}\n{}", r.daemon.log());
+    assert_eq!(running_version(&r), "2");
+    // No retained status for any of the ghosts.
+    let c = MqttClient::connect(r.broker.port, "ota-retained").expect("client");
+    c.subscribe(&format!("{base}/+/status")).expect("subscribe");
+    let retained: Vec<String> = std::iter::from_fn(|| c.recv(Duration::from_millis(1500)))
+        .filter(|m| m.retain)
+        .map(|m| m.topic)
+        .collect();
+    assert_eq!(retained, vec![format!("{base}/digits/status")], "only the real pipeline's");
+}
+
+/// Stops the daemon (SIGTERM) and starts it again on the same config and state.
+fn restart(r: &mut Rig) {
+    r.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    r.daemon.wait_exit(Duration::from_secs(30)).expect("exit");
+    r.daemon = Daemon::start(&r.cfg).expect("daemon");
+    wait_online(r.broker.port, &r.device);
+}
+
+/// The retained status of `pipeline`, if any.
+fn retained_status(r: &Rig, pipeline: &str) -> Option<serde_json::Value> {
+    let c = MqttClient::connect(r.broker.port, "ota-retained-one").expect("client");
+    c.subscribe(&format!("edgeinfer/{}/ota/{pipeline}/status", r.device)).expect("subscribe");
+    c.recv(Duration::from_secs(2)).filter(|m| m.retain).map(|m| m.json())
+}
+
+/// The manifest the tool publishes for `model` at `release`, signed with the rig's key file.
+fn signed_manifest(r: &Rig, model: &Path, release: u64) -> Vec<u8> {
     use base64::Engine;
-    use ed25519_dalek::Signer;
     let b64 = base64::engine::general_purpose::STANDARD;
     let seed: [u8; 32] = b64
         .decode(std::fs::read_to_string(&r.key).expect("key").trim())
@@ -208,18 +353,17 @@ fn signed_manifest(r: &Rig, model: &Path, version: &str) -> Vec<u8> {
         .expect("32 bytes");
     let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
     let bytes = std::fs::read(model).expect("model");
-    use sha2::Digest;
-    let mut m = edgeinfer::ota::Manifest {
-        pipeline: "digits".into(),
-        version: version.into(),
-        size: bytes.len() as u64,
-        sha256: sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
-        chunk_size: 1024,
-        key_id: "fleet".into(),
-        force: false,
-        signature: String::new(),
-    };
-    m.signature = b64.encode(sk.sign(&m.signed_bytes()).to_bytes());
+    let mut m = edgeinfer::ota::Manifest::for_file(
+        "digits",
+        &release.to_string(),
+        release,
+        &r.device,
+        edgeinfer::ota::unix_now() + 3600,
+        &bytes,
+        1024,
+        "fleet",
+    );
+    m.sign(&sk);
     serde_json::to_vec(&m).expect("json")
 }
 

@@ -84,7 +84,15 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Result<Self> {
-        Self::start_on(free_port())
+        // A free port can be taken by someone else before mosquitto binds it: try another.
+        let mut last = None;
+        for _ in 0..5 {
+            match Self::start_on(free_port()) {
+                Ok(m) => return Ok(m),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no broker started")))
     }
 
     pub fn start_on(port: u16) -> Result<Self> {
@@ -148,8 +156,23 @@ impl Mosquitto {
             .context("spawning mosquitto")?;
         self.child = Some(child);
         let port = self.port;
-        if !eventually(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok())
-        {
+        // Our own broker, not another one that took the port first (another test, or another
+        // test suite running on the same machine): it says it is running and is still alive.
+        let mut exited = None;
+        let up = eventually(Duration::from_secs(10), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                exited = Some(status);
+                return true;
+            }
+            self.log().contains(" running") && TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if let Some(status) = exited {
+            self.child = None;
+            bail!("mosquitto exited ({status}) instead of listening on {port}: {}", self.log());
+        }
+        if !up {
             bail!("mosquitto did not listen on {port}: {}", self.log());
         }
         Ok(())
@@ -975,4 +998,37 @@ impl Drop for FaultProxy {
         self.shared.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.cut();
     }
+}
+
+/// The books of one pipeline in a health message: `received = served + rejected + dropped +
+/// failed + queued + in flight`, every frame accounted for by reason. Returns the sum of
+/// rejected frames by reason, for the caller's own checks.
+pub fn books_balance(
+    health: &Value,
+    pipeline: &str,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    let p = &health["pipelines"][pipeline];
+    let c = &p["counters"];
+    let num =
+        |v: &Value, what: &str| v.as_u64().ok_or_else(|| anyhow!("{pipeline}: no {what} in {c}"));
+    let mut sum = num(&c["served"], "served")?;
+    let mut rejected = std::collections::BTreeMap::new();
+    for k in ["rejected", "dropped", "failed"] {
+        for (reason, n) in c[k].as_object().ok_or_else(|| anyhow!("{pipeline}: no {k}"))? {
+            let n = num(n, reason)?;
+            sum += n;
+            if k == "rejected" && n > 0 {
+                rejected.insert(reason.clone(), n);
+            }
+        }
+    }
+    sum +=
+        p["queue"]["depth"].as_u64().unwrap_or(0) + p["queue"]["in_flight"].as_u64().unwrap_or(0);
+    let received = num(&c["received"], "received")?;
+    if received != sum {
+        bail!(
+            "{pipeline}: received {received} != served + rejected + dropped + failed + queued + in flight = {sum}: {c}"
+        );
+    }
+    Ok(rejected)
 }

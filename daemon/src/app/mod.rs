@@ -112,6 +112,11 @@ pub struct TransportStats {
     pub oversized_packets: AtomicU64,
     /// Messages that matched no pipeline's filter.
     pub unrouted: AtomicU64,
+    /// Messages on topics longer than `broker.max_topic_length` (acknowledged, never routed).
+    pub long_topics: AtomicU64,
+    /// Times the daemon cleared its persistent session to get rid of a frame above
+    /// `broker.max_packet_size` that the broker kept redelivering.
+    pub session_resets: AtomicU64,
     /// Messages the MQTT client still held when the broker came back without our session
     /// (restarted without persistence, or the session expired), sent again as new messages.
     pub republished: AtomicU64,

@@ -40,9 +40,16 @@ fn open_and_hash(path: &Path) -> Result<(std::fs::File, String), String> {
     Ok((f, sha))
 }
 
-/// Loads, checks and installs the model file of pipeline `idx`. Blocking: seconds for a large
-/// model. Records the outcome in the pipeline's swap log and returns it.
-pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport> {
+/// Loads, checks and installs the model file of pipeline `idx`, or a `staged` OTA delivery,
+/// which is put in place of the model file only once every check passed (a refused one is
+/// deleted: a restart serves the previous model). Blocking: seconds for a large model. Records
+/// the outcome in the pipeline's swap log and returns it.
+pub(super) fn reload(
+    app: &App,
+    idx: usize,
+    trigger: &str,
+    staged: Option<PathBuf>,
+) -> Option<SwapReport> {
     let p = app.pipelines.get(idx)?;
     let pc = &p.cfg;
     let t = Instant::now();
@@ -60,8 +67,13 @@ pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport>
         reason: None,
     };
     let cache = app.config.system.cache_dir();
-    let outcome = candidate(p, trigger, &cur, cache.as_deref(), &mut report);
+    let outcome = candidate(p, trigger, &cur, cache.as_deref(), &mut report, staged.as_deref());
     drop(cur);
+    // An accepted delivery goes in place before it runs: a restart then loads what runs.
+    let outcome = match (outcome, &staged) {
+        (Ok(Some(set)), Some(file)) => crate::ota::place(file, &pc.model).map(|()| Some(set)),
+        (o, _) => o,
+    };
     match outcome {
         Ok(None) => report.result = SwapResult::Unchanged,
         Ok(Some(set)) => {
@@ -69,6 +81,12 @@ pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport>
             install_with_probation(p, set, &report);
         }
         Err(reason) => report.reason = Some(reason),
+    }
+    if let Some(file) = &staged
+        && report.result != SwapResult::Swapped
+    {
+        // Refused (or already running): the model file was never touched.
+        let _ = std::fs::remove_file(file);
     }
     report.duration_ms = t.elapsed().as_secs_f64() * 1e3;
     match report.result {
@@ -102,21 +120,36 @@ pub(super) fn reload(app: &App, idx: usize, trigger: &str) -> Option<SwapReport>
     Some(report)
 }
 
-/// The checked candidate, `None` when the file is the running model, or why it is refused.
+/// The checked candidate (the model file, or `staged` when given), `None` when it is the
+/// running model, or why it is refused.
 fn candidate(
     p: &Pipeline,
     trigger: &str,
     cur: &ModelSet,
     cache: Option<&Path>,
     report: &mut SwapReport,
+    staged: Option<&Path>,
 ) -> Result<Option<ModelSet>, String> {
     let pc = &p.cfg;
-    let (file, sha) = open_and_hash(&pc.model)?;
+    let source = staged.unwrap_or(&pc.model);
+    let (file, sha) = open_and_hash(source)?;
     report.to_sha256 = Some(sha.clone());
     if sha == cur.model.sha256 {
         return Ok(None);
     }
-    let (model, labels, batched) = super::load_pipeline(pc, cache).map_err(|e| chain(&e))?;
+    let loaded = match staged {
+        // The staged file under the pipeline's configuration (labels, golden pairs and the
+        // model cache are the pipeline's own; only the file differs).
+        Some(file) => {
+            let mut spc = pc.clone();
+            spc.model = file.to_path_buf();
+            super::load_pipeline(&spc, cache)
+        }
+        None => super::load_pipeline(pc, cache),
+    };
+    let (mut model, labels, batched) = loaded.map_err(|e| chain(&e))?;
+    // Where it will run from once accepted.
+    model.path = pc.model.clone();
     report.to_version = Some(model.version.clone());
     report.to_sha256 = Some(model.sha256.clone());
     if model.sha256 != sha {
@@ -242,18 +275,41 @@ pub(super) fn check_probation(p: &Pipeline) -> Option<SwapReport> {
 /// Runs reloads on a thread of their own, one at a time per pipeline, and hands each report to
 /// `done` (the serving loop publishes it).
 pub(super) struct Reloader {
-    /// Per pipeline: (a reload is running, another trigger came in meanwhile).
-    state: Vec<Arc<(AtomicBool, AtomicBool)>>,
+    slots: Vec<Arc<Slot>>,
+}
+
+/// Per pipeline: whether a reload runs, whether another trigger came in meanwhile, and a staged
+/// OTA delivery waiting for it.
+#[derive(Default)]
+struct Slot {
+    running: AtomicBool,
+    again: AtomicBool,
+    staged: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl Reloader {
     pub(super) fn new(app: &App) -> Self {
-        let state = app
-            .pipelines
-            .iter()
-            .map(|_| Arc::new((AtomicBool::new(false), AtomicBool::new(false))))
-            .collect();
-        Reloader { state }
+        Reloader { slots: app.pipelines.iter().map(|_| Arc::default()).collect() }
+    }
+
+    /// Starts a reload of pipeline `idx` from a verified OTA delivery staged in `file`.
+    pub(super) fn start_staged(
+        &self,
+        app: &Arc<App>,
+        idx: usize,
+        file: PathBuf,
+        done: tokio::sync::mpsc::UnboundedSender<SwapReportFor>,
+    ) {
+        let Some(slot) = self.slots.get(idx) else {
+            let _ = std::fs::remove_file(&file);
+            return;
+        };
+        let old = slot.staged.lock().unwrap_or_else(|e| e.into_inner()).replace(file);
+        if let Some(old) = old {
+            // A newer delivery arrived before the swap took the older one.
+            let _ = std::fs::remove_file(old);
+        }
+        self.start(app, idx, "ota", done);
     }
 
     /// Starts a reload of pipeline `idx`. While one is running, further triggers are folded
@@ -265,33 +321,35 @@ impl Reloader {
         trigger: &'static str,
         done: tokio::sync::mpsc::UnboundedSender<SwapReportFor>,
     ) {
-        let Some(state) = self.state.get(idx) else { return };
-        if state.0.swap(true, Ordering::AcqRel) {
-            state.1.store(true, Ordering::Release);
+        let Some(slot) = self.slots.get(idx) else { return };
+        if slot.running.swap(true, Ordering::AcqRel) {
+            slot.again.store(true, Ordering::Release);
             return;
         }
-        let (app, state) = (Arc::clone(app), Arc::clone(state));
+        let (app, slot) = (Arc::clone(app), Arc::clone(slot));
+        let thread_slot = Arc::clone(&slot);
         let spawned = std::thread::Builder::new().name("ei-reload".into()).spawn(move || {
+            let slot = thread_slot;
             loop {
-                if let Some(r) = reload(&app, idx, trigger) {
+                let staged = slot.staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let trigger = if staged.is_some() { "ota" } else { trigger };
+                if let Some(r) = reload(&app, idx, trigger, staged) {
                     let _ = done.send(SwapReportFor { pipeline: idx, report: r });
                 }
-                state.0.store(false, Ordering::Release);
+                slot.running.store(false, Ordering::Release);
                 // Another trigger meanwhile: run again, unless a new thread took over.
-                if !state.1.swap(false, Ordering::AcqRel) || state.0.swap(true, Ordering::AcqRel) {
+                if !slot.again.swap(false, Ordering::AcqRel)
+                    || slot.running.swap(true, Ordering::AcqRel)
+                {
                     break;
                 }
             }
         });
         if let Err(e) = spawned {
-            state_reset(&self.state[idx]);
+            slot.running.store(false, Ordering::Release);
             log::error!("cannot start a reload thread: {e}");
         }
     }
-}
-
-fn state_reset(s: &(AtomicBool, AtomicBool)) {
-    s.0.store(false, Ordering::Release);
 }
 
 /// A finished swap attempt of one pipeline.

@@ -50,6 +50,20 @@ struct Link {
     failures: u32,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// When the current connection was acknowledged.
+    connected_at: Option<Instant>,
+    poison: PoisonGuard,
+}
+
+/// The size of the packet that ended a connection because it was above
+/// `broker.max_packet_size` (the client cannot read it), if that is what happened.
+fn oversized(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
+    }
 }
 
 impl Link {
@@ -62,10 +76,7 @@ impl Link {
         target: &str,
     ) {
         app.transport.connection_errors.fetch_add(1, Ordering::Relaxed);
-        if let ConnectionError::MqttState(StateError::Deserialization(
-            rumqttc::Error::PayloadSizeLimitExceeded(n),
-        )) = e
-        {
+        if let Some(n) = oversized(e) {
             // The client cannot even read such a packet, so no pipeline sees it. A QoS 1 one is
             // redelivered on every reconnect of a persistent session until the broker drops it.
             app.transport.oversized_packets.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +105,59 @@ impl Link {
         self.failures += 1;
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(max);
+    }
+}
+
+/// A connection that lived longer than this before an oversized packet reset it starts a new
+/// streak: a redelivered frame arrives right after the CONNACK, not minutes later.
+const POISON_STREAK_WINDOW: Duration = Duration::from_secs(30);
+
+/// Where clearing the session to drop a redelivered oversized frame stands.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum SessionReset {
+    #[default]
+    Idle,
+    /// Connecting with a clean session: the broker discards the session and its queue.
+    Clearing,
+    /// Connected with the clean session; DISCONNECT sent so the next connection is persistent
+    /// again (a clean session would last as long as that connection).
+    Disconnecting,
+    /// Reconnecting with the persistent session (new, so subscriptions are made again).
+    Restoring,
+}
+
+/// A packet above `broker.max_packet_size` resets the connection, and on a persistent session
+/// the broker redelivers a QoS 1 one at every reconnect: the daemon would never serve again.
+/// This counts consecutive such resets and decides when to clear the session once
+/// (`broker.oversized_session_reset`); the steps of the reset itself are `SessionReset`.
+#[derive(Debug, Default)]
+struct PoisonGuard {
+    /// Consecutive connections ended by an oversized packet.
+    streak: u32,
+    /// Size of the last oversized packet.
+    last_size: usize,
+    state: SessionReset,
+}
+
+impl PoisonGuard {
+    /// A connection ended: by an oversized packet of `size` bytes (or another error: `None`)
+    /// after being up for `lived`. True when the session must be cleared now (`limit`
+    /// consecutive oversized resets; 0 never).
+    fn on_reset(&mut self, size: Option<usize>, lived: Option<Duration>, limit: u32) -> bool {
+        let Some(size) = size else {
+            self.streak = 0;
+            return false;
+        };
+        if lived.is_some_and(|l| l > POISON_STREAK_WINDOW) {
+            self.streak = 0;
+        }
+        self.streak += 1;
+        self.last_size = size;
+        if limit > 0 && self.streak >= limit && self.state == SessionReset::Idle {
+            self.state = SessionReset::Clearing;
+            return true;
+        }
+        false
     }
 }
 
@@ -198,8 +262,16 @@ pub(super) async fn serve(
     let events_topic = cfg.commands.events_topic.render(&cfg.device_id, "");
 
     let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
-    let mut link =
-        Link { connected: false, ever_connected: false, failures: 0, backoff: min, retry_at: None };
+    let mut link = Link {
+        connected: false,
+        ever_connected: false,
+        failures: 0,
+        backoff: min,
+        retry_at: None,
+        connected_at: None,
+        poison: PoisonGuard::default(),
+    };
+    let max_topic = cfg.broker.max_topic_length;
     let mut phase = Phase::Running;
     let mut stops = 0u32;
     let mut deferred = 0u64;
@@ -287,6 +359,13 @@ pub(super) async fn serve(
             }
 
             ev = el.poll(), if link.retry_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.len() > max_topic => {
+                    // Before anything reads the topic: never routed, never remembered per device.
+                    if let Some(a) = ack_for(&p) {
+                        let _ = client.try_ack(&a);
+                    }
+                    reject_long_topic(app, &p.topic, &*publisher);
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) if ota_base.as_deref().is_some_and(|b| p.topic.strip_prefix(b).is_some_and(|r| r.starts_with('/'))) => {
                     if let Some(a) = ack_for(&p) {
                         let _ = client.try_ack(&a);
@@ -333,6 +412,17 @@ pub(super) async fn serve(
                         deferred += 1;
                     }
                 }
+                Ok(Event::Incoming(Packet::ConnAck(_))) if link.poison.state == SessionReset::Clearing => {
+                    // The broker has discarded the session and the frame with it. A clean session
+                    // only lasts as long as its connection: leave at once (DISCONNECT, so no Last
+                    // Will) and come back with a persistent one.
+                    el.mqtt_options.set_clean_session(false);
+                    link.poison.state = SessionReset::Disconnecting;
+                    let c = client.clone();
+                    tokio::spawn(async move {
+                        let _ = c.disconnect().await;
+                    });
+                }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     let first = !link.ever_connected;
                     if link.failures > 0 || link.ever_connected {
@@ -345,6 +435,7 @@ pub(super) async fn serve(
                     }
                     link.connected = true;
                     link.ever_connected = true;
+                    link.connected_at = Some(Instant::now());
                     resume(app, &mut el, &mut held, ack.session_present);
                     if let Some(spool) = app.spool.get() {
                         spool.set_connected(true);
@@ -364,6 +455,9 @@ pub(super) async fn serve(
                         for st in rx.pending() {
                             publish_ota(&*publisher, base, &st);
                         }
+                    }
+                    if link.poison.state == SessionReset::Restoring {
+                        session_reset_done(app, &mut link.poison, &*publisher, &events_topic);
                     }
                     if !ready_sent {
                         ready_sent = true;
@@ -387,11 +481,29 @@ pub(super) async fn serve(
                     if matches!(phase, Phase::Farewell { .. }) {
                         break;
                     }
+                    held.extend(el.pending.drain(..));
+                    if link.poison.state == SessionReset::Disconnecting {
+                        // Our own DISCONNECT of the clean session: reconnect now, persistent.
+                        link.poison.state = SessionReset::Restoring;
+                        continue;
+                    }
+                    let lived = link.connected_at.take().map(|t| t.elapsed());
                     link.on_error(app, &e, min, max, &target);
+                    // A clean session is discarded at every reconnect anyway: nothing to clear.
+                    let limit = if cfg.broker.clean_session { 0 } else { cfg.broker.oversized_session_reset };
+                    if link.poison.on_reset(oversized(&e), lived, limit) {
+                        log::warn!(
+                            "the broker redelivered a {}-byte packet above broker.max_packet_size at {} consecutive reconnects: \
+                             connecting once with a clean session to drop it (whatever else the broker held for this session is discarded too); \
+                             hint: set the broker's max_packet_size to {} so it refuses such frames",
+                            link.poison.last_size, link.poison.streak, cfg.broker.max_packet_size
+                        );
+                        el.mqtt_options.set_clean_session(true);
+                        link.retry_at = None;
+                    }
                     if let Some(spool) = app.spool.get() {
                         spool.set_connected(false);
                     }
-                    held.extend(el.pending.drain(..));
                     // Ready means "serving as well as the network allows": a broker that is down
                     // must not hold the unit in `activating` until systemd gives up.
                     if !ready_sent {
@@ -492,6 +604,57 @@ pub(super) async fn serve(
     }
     log::info!("stopped: {}", status::summary_line(app));
     Ok(())
+}
+
+/// The persistent session is back after a session reset: count it and say so on the events
+/// topic (the frames the broker discarded with the session cannot be counted on MQTT 3.1.1:
+/// the broker does not say how many it held).
+fn session_reset_done(app: &App, g: &mut PoisonGuard, publisher: &dyn Publisher, events: &str) {
+    app.transport.session_resets.fetch_add(1, Ordering::Relaxed);
+    log::warn!(
+        "session cleared and restored: the {}-byte packet is gone and serving resumes; \
+         frames the broker held for the old session were discarded with it",
+        g.last_size
+    );
+    let v = serde_json::json!({
+        "event": "session_reset",
+        "device": app.config.device_id,
+        "reason": "oversized_packet",
+        "packet_bytes": g.last_size,
+        "max_packet_size": app.config.broker.max_packet_size,
+        "consecutive_resets": g.streak,
+        "oversized_dropped": 1,
+        "discarded": "the frames the broker held for the previous session (MQTT 3.1.1 gives no count)",
+    });
+    let _ = publisher.try_publish(
+        events,
+        serde_json::to_vec(&v).unwrap_or_default(),
+        Qos::AtLeastOnce,
+        false,
+    );
+    *g = PoisonGuard::default();
+}
+
+/// A message on a topic longer than `broker.max_topic_length`: rejected (`topic_too_long`) by
+/// every pipeline whose filter it matches, counted in the transport otherwise. Nothing keeps the
+/// topic.
+fn reject_long_topic(app: &App, topic: &str, publisher: &dyn Publisher) {
+    app.transport.long_topics.fetch_add(1, Ordering::Relaxed);
+    let limit = app.config.broker.max_topic_length;
+    let mut matched = false;
+    for p in &app.pipelines {
+        if p.cfg.input.matches(topic).is_some() {
+            matched = true;
+            p.reject_long_topic(topic, limit, publisher);
+        }
+    }
+    if !matched {
+        log::debug!(
+            "message on a {}-byte topic ({}…) above broker.max_topic_length matched no pipeline",
+            topic.len(),
+            crate::topic::shorten(topic, 64)
+        );
+    }
 }
 
 /// At CONNACK: gives the client back what it held when the connection failed. A resumed session
@@ -597,17 +760,10 @@ fn handle_ota(
     let mut parts = rest.splitn(3, '/');
     let (pipeline, kind, n) =
         (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
-    let idx = ctx.app.pipelines.iter().position(|x| x.name() == pipeline);
-    let target = idx.map(|i| {
-        let x = &ctx.app.pipelines[i];
-        ota::Target {
-            model_path: x.cfg.model.clone(),
-            running_version: x.models().model.version.clone(),
-        }
-    });
+    let known = ctx.app.pipelines.iter().any(|x| x.name() == pipeline);
     let outcome = match (kind, n) {
-        ("manifest", None) => rx.on_manifest(pipeline, target.as_ref(), payload),
-        ("chunk", Some(n)) => rx.on_chunk(pipeline, target.as_ref(), n, payload),
+        ("manifest", None) => rx.on_manifest(pipeline, known, payload, ota::unix_now()),
+        ("chunk", Some(n)) if known => rx.on_chunk(pipeline, n, payload),
         _ => ota::Outcome::Quiet,
     };
     ota_outcome(ctx, pipeline, outcome, installing);
@@ -626,7 +782,11 @@ fn ota_outcome(
         ota::Outcome::Quiet => {}
         ota::Outcome::Status(st) => {
             if st.state == "rejected" {
-                log::warn!(pipeline = pipeline; "OTA rejected: {}", st.reason.as_deref().unwrap_or("?"));
+                log::warn!(
+                    pipeline = crate::topic::shorten(pipeline, 64);
+                    "OTA rejected: {}",
+                    st.reason.as_deref().unwrap_or("?")
+                );
             }
             publish_ota(ctx.publisher, ctx.base, &st);
         }
@@ -641,18 +801,24 @@ fn ota_outcome(
                 log::error!(pipeline = pipeline; "cannot start the OTA verification: {e}");
             }
         }
-        ota::Outcome::Install(st) => {
+        ota::Outcome::Install(ota::Install { status: st, staged }) => {
             log::info!(
                 pipeline = pipeline;
-                "OTA: version {} received and verified ({} chunks); swapping it in",
+                "OTA: version {} (release {}) received and verified ({} chunks); checking it before it is put in place",
                 st.version,
+                st.release,
                 st.chunks
             );
             publish_ota(ctx.publisher, ctx.base, &st);
             let idx = ctx.app.pipelines.iter().position(|x| x.name() == pipeline);
-            if let (Some(i), Some(slot)) = (idx, idx.and_then(|i| installing.get_mut(i))) {
-                *slot = Some(st);
-                ctx.reloader.start(ctx.app, i, "ota", ctx.done.clone());
+            match (idx, idx.and_then(|i| installing.get_mut(i))) {
+                (Some(i), Some(slot)) => {
+                    *slot = Some(st);
+                    ctx.reloader.start_staged(ctx.app, i, staged, ctx.done.clone());
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&staged);
+                }
             }
         }
     }
@@ -681,6 +847,9 @@ fn open_ota(app: &App) -> Option<ota::Receiver> {
         max_size: cfg.ota.max_size,
         min_free: cfg.ota.min_free,
         keys,
+        device_id: cfg.device_id.clone(),
+        groups: cfg.ota.groups.clone(),
+        pipelines: app.pipelines.iter().map(|p| p.name().to_string()).collect(),
     };
     match ota::Receiver::open(settings) {
         Ok(r) => {
@@ -697,11 +866,12 @@ fn open_ota(app: &App) -> Option<ota::Receiver> {
     }
 }
 
-/// Publishes an OTA status (retained: a sender that connects later sees where things stand).
+/// Publishes an OTA status: retained for the state of a transfer (a sender that connects later
+/// sees where things stand), not retained for the answer to a refused offer.
 fn publish_ota(publisher: &dyn Publisher, base: &str, st: &ota::Status) {
     let topic = format!("{base}/{}/status", st.pipeline);
     if let Ok(payload) = serde_json::to_vec(st) {
-        let _ = publisher.try_publish(&topic, payload, Qos::AtLeastOnce, true);
+        let _ = publisher.try_publish(&topic, payload, Qos::AtLeastOnce, st.retain);
     }
 }
 
@@ -785,5 +955,47 @@ async fn route(app: &App, topic: String, payload: Bytes, publisher: &dyn Publish
             let outcome = p.queue.push_wait(frame, p.cfg.queue.block_timeout).await;
             p.account_push(outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Option<Duration> = Some(Duration::from_millis(20));
+
+    #[test]
+    fn consecutive_oversized_resets_clear_the_session_once() {
+        let mut g = PoisonGuard::default();
+        assert!(!g.on_reset(Some(5 << 20), S, 3));
+        assert!(!g.on_reset(Some(5 << 20), S, 3));
+        assert!(g.on_reset(Some(5 << 20), S, 3), "the third consecutive reset clears");
+        assert_eq!((g.state, g.streak, g.last_size), (SessionReset::Clearing, 3, 5 << 20));
+        assert!(!g.on_reset(Some(5 << 20), S, 3), "already clearing: not twice");
+    }
+
+    #[test]
+    fn other_errors_and_long_lived_connections_break_the_streak() {
+        let mut g = PoisonGuard::default();
+        g.on_reset(Some(1 << 20), S, 3);
+        g.on_reset(Some(1 << 20), S, 3);
+        assert!(!g.on_reset(None, S, 3), "a broker restart is not the poison frame");
+        assert_eq!(g.streak, 0);
+        g.on_reset(Some(1 << 20), S, 3);
+        g.on_reset(Some(1 << 20), S, 3);
+        assert!(
+            !g.on_reset(Some(1 << 20), Some(Duration::from_secs(600)), 3),
+            "an oversized frame ten minutes into a connection starts a new streak"
+        );
+        assert_eq!(g.streak, 1);
+    }
+
+    #[test]
+    fn a_limit_of_zero_never_clears() {
+        let mut g = PoisonGuard::default();
+        for _ in 0..50 {
+            assert!(!g.on_reset(Some(1 << 20), S, 0));
+        }
+        assert_eq!(g.state, SessionReset::Idle);
     }
 }

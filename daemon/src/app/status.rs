@@ -61,6 +61,20 @@ fn batching_json(p: &Pipeline) -> Value {
     json!({"max_batch": p.cfg.max_batch, "limit": p.batch_limit(), "runs": runs})
 }
 
+/// The per-device tables (docs/messages.md, "Limits"): devices tracked and devices evicted to
+/// make room, by table (`events` is `null` when event mode keeps no state).
+fn device_tables_json(p: &Pipeline) -> Value {
+    let (dedup, dedup_evicted) = p.dedup.table();
+    json!({
+        "dedup": {"devices": dedup, "evicted": dedup_evicted},
+        "events": p.events.as_ref().map(|g| json!({
+            "devices": g.devices(),
+            "evicted": g.evicted.load(Ordering::Relaxed),
+        })),
+        "shedding": {"devices": p.shedder.devices()},
+    })
+}
+
 /// Sample stream assembly counters (`null` for pipelines without a window).
 fn window_json(p: &Pipeline) -> Value {
     if p.cfg.window.is_none() {
@@ -132,6 +146,7 @@ pub fn online(app: &App) -> Vec<u8> {
                 "overload": overload_json(p),
                 "batching": batching_json(p),
                 "window": window_json(p),
+                "device_tables": device_tables_json(p),
             }),
         );
     }
@@ -198,6 +213,8 @@ fn transport(app: &App) -> Value {
         "connection_errors": t.connection_errors.load(Ordering::Relaxed),
         "oversized_packets": t.oversized_packets.load(Ordering::Relaxed),
         "unrouted": t.unrouted.load(Ordering::Relaxed),
+        "long_topics": t.long_topics.load(Ordering::Relaxed),
+        "session_resets": t.session_resets.load(Ordering::Relaxed),
         "republished": t.republished.load(Ordering::Relaxed),
         "spool": app.spool.get().map(|s| {
             let st = &s.stats;
@@ -210,6 +227,7 @@ fn transport(app: &App) -> Value {
                 "evicted": st.evicted.load(Ordering::Relaxed),
                 "recovered": st.recovered.load(Ordering::Relaxed),
                 "errors": st.errors.load(Ordering::Relaxed),
+                "skipped": st.skipped.load(Ordering::Relaxed),
             })
         }),
     })
@@ -486,12 +504,12 @@ pub fn prometheus(app: &App) -> String {
             (
                 "edgeinfer_window_chunks_total",
                 "Stream chunks by what the window assembly did with them (see docs/messages.md, Sample streams).",
-                &["chunks", "assembled", "reordered", "late", "refused", "discarded"],
+                &["chunks", "assembled", "reordered", "late", "discarded"],
             ),
             (
                 "edgeinfer_window_events_total",
-                "Window assembly events: windows completed, gaps, resets, devices evicted.",
-                &["windows", "gaps", "resets", "evicted"],
+                "Window assembly events: windows completed, gaps, resets, devices evicted (idle) or displaced (table full).",
+                &["windows", "gaps", "resets", "evicted", "displaced"],
             ),
         ];
         for (name, help, keys) in labelled {
@@ -535,6 +553,48 @@ pub fn prometheus(app: &App) -> String {
                     .map_or(0, |(_, v)| *v);
                 e.sample(name, &[("pipeline", p.name())], v as f64);
             }
+        }
+    }
+
+    // Per-device tables: devices tracked and evicted to make room.
+    e.family(
+        "edgeinfer_device_table_devices",
+        Kind::Gauge,
+        "Devices with state in a per-device table (dedup, events, shedding).",
+    );
+    for p in ps {
+        let (n, _) = p.dedup.table();
+        e.sample(
+            "edgeinfer_device_table_devices",
+            &[("pipeline", p.name()), ("table", "dedup")],
+            n as f64,
+        );
+        if let Some(g) = &p.events {
+            let labels = [("pipeline", p.name()), ("table", "events")];
+            e.sample("edgeinfer_device_table_devices", &labels, g.devices() as f64);
+        }
+        let labels = [("pipeline", p.name()), ("table", "shedding")];
+        e.sample("edgeinfer_device_table_devices", &labels, p.shedder.devices() as f64);
+    }
+    e.family(
+        "edgeinfer_device_table_evictions_total",
+        Kind::Counter,
+        "Devices forgotten (least recently used) to make room for a new one in a full table.",
+    );
+    for p in ps {
+        let (_, ev) = p.dedup.table();
+        e.sample(
+            "edgeinfer_device_table_evictions_total",
+            &[("pipeline", p.name()), ("table", "dedup")],
+            ev as f64,
+        );
+        if let Some(g) = &p.events {
+            let labels = [("pipeline", p.name()), ("table", "events")];
+            e.sample(
+                "edgeinfer_device_table_evictions_total",
+                &labels,
+                g.evicted.load(Ordering::Relaxed) as f64,
+            );
         }
     }
 
@@ -773,6 +833,16 @@ pub fn prometheus(app: &App) -> String {
             load(&t.unrouted),
         ),
         (
+            "edgeinfer_mqtt_long_topics_total",
+            "Messages on topics above broker.max_topic_length (acknowledged, not routed).",
+            load(&t.long_topics),
+        ),
+        (
+            "edgeinfer_mqtt_session_resets_total",
+            "Persistent sessions cleared to drop a redelivered packet above broker.max_packet_size.",
+            load(&t.session_resets),
+        ),
+        (
             "edgeinfer_mqtt_republished_total",
             "Unacknowledged messages sent again because the broker had lost our session.",
             load(&t.republished),
@@ -824,6 +894,12 @@ pub fn prometheus(app: &App) -> String {
                 load(&st.recovered),
             ),
             ("edgeinfer_spool_errors_total", Kind::Counter, "Spool I/O errors.", load(&st.errors)),
+            (
+                "edgeinfer_spool_skipped_total",
+                Kind::Counter,
+                "Results the spool cannot store (topic above 65535 bytes), left out.",
+                load(&st.skipped),
+            ),
         ] {
             e.family(name, kind, help);
             e.sample(name, &[], v);

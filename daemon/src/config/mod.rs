@@ -185,6 +185,14 @@ pub struct BrokerConfig {
     pub reconnect_max: Duration,
     /// Maximum unacknowledged outgoing QoS 1 publishes.
     pub inflight: u16,
+    /// Longest topic of an incoming message, in bytes; longer ones are rejected and counted
+    /// before routing (MQTT allows 65,535, which no device needs and which every per-device
+    /// table would otherwise have to hold).
+    pub max_topic_length: usize,
+    /// Consecutive connection resets caused by one packet above `max_packet_size` (a QoS 1
+    /// frame the broker redelivers at every reconnect of a persistent session) before the
+    /// daemon clears its session once to get rid of it; 0: never.
+    pub oversized_session_reset: u32,
 }
 
 /// Where the broker password comes from. Never printed.
@@ -267,6 +275,9 @@ pub struct OtaConfig {
     pub max_size: u64,
     /// Free space to keep on the state directory's file system.
     pub min_free: u64,
+    /// Fleet groups this device belongs to: a manifest's `target` must be the device id or one
+    /// of these.
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -811,10 +822,16 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         if enabled && trusted_keys.is_empty() {
             p.push("ota.trusted_keys", None, "OTA is enabled but trusts no key: add at least one (tools/ota: edgeinfer-ota keygen)");
         }
+        let groups = s.as_mut().and_then(|s| s.string_array(p, "groups")).unwrap_or_default();
+        for g in &groups {
+            if let Err(e) = crate::topic::validate_level(g) {
+                p.push("ota.groups", Some(&Value::String(g.clone())), format!("group {g:?} {e}"));
+            }
+        }
         if let Some(s) = s {
             s.finish(p);
         }
-        OtaConfig { enabled, topic, trusted_keys, max_size, min_free }
+        OtaConfig { enabled, topic, trusted_keys, max_size, min_free, groups }
     };
 
     let spool = {
@@ -1126,6 +1143,8 @@ fn broker(root: &mut Section<'_>, p: &mut Problems, device_id: &str, base: &Path
         reconnect_min: Duration::from_millis(250),
         reconnect_max: Duration::from_secs(30),
         inflight: 100,
+        max_topic_length: 1024,
+        oversized_session_reset: 3,
     };
     let Some(mut s) = root.table(p, "broker") else { return out };
     if let Some(h) = s.string(p, "host") {
@@ -1220,6 +1239,12 @@ fn broker(root: &mut Section<'_>, p: &mut Problems, device_id: &str, base: &Path
     }
     if let Some(i) = s.int(p, "inflight", 1, 65535) {
         out.inflight = i as u16;
+    }
+    if let Some(n) = s.int(p, "max_topic_length", 64, 65535) {
+        out.max_topic_length = n as usize;
+    }
+    if let Some(n) = s.int(p, "oversized_session_reset", 0, 100) {
+        out.oversized_session_reset = n as u32;
     }
     s.finish(p);
     out

@@ -252,6 +252,24 @@ fn window(mut t: Section<'_>, p: &mut Problems, format: PayloadFormat) -> Option
         );
         ok = false;
     }
+    if let Some(g) = max_gap
+        && gap == GapPolicy::ZeroFill
+        && (g / hop) as u64 > MAX_WINDOWS_PER_CHUNK
+    {
+        // Each zero-filled sample past the window's first can complete a window: a gap must
+        // never make more windows than a chunk may (one message, bounded work).
+        p.push(
+            t.key("max_gap"),
+            None,
+            format!(
+                "a gap of max_gap = {g} samples could complete {} windows of hop {hop} \
+                 (at most {MAX_WINDOWS_PER_CHUNK} per message); lower max_gap to at most {} or raise hop",
+                g / hop,
+                MAX_WINDOWS_PER_CHUNK * hop as u64
+            ),
+        );
+        ok = false;
+    }
     let cfg = WindowConfig {
         samples,
         hop,
@@ -261,7 +279,7 @@ fn window(mut t: Section<'_>, p: &mut Problems, format: PayloadFormat) -> Option
         layout,
         scale,
         gap,
-        max_gap: max_gap.unwrap_or(samples),
+        max_gap: max_gap.unwrap_or(samples.min(MAX_WINDOWS_PER_CHUNK as usize * hop)),
         reorder,
         max_devices,
         idle_timeout,

@@ -6,13 +6,16 @@
 //! Each topic (a device's stream; the whole topic, since which wildcard names the device varies
 //! by filter) keeps its last [`WINDOW`] (seq, payload fingerprint) pairs. The fingerprint (the
 //! payload length and its first and last 256 bytes) tells a redelivery from a device that
-//! restarted its sequence numbers with new data. At most [`MAX_DEVICES`] topics are tracked
-//! (frames on topics beyond that are never called duplicates: bounded memory whatever the
-//! topics say).
+//! restarted its sequence numbers with new data. At most [`MAX_DEVICES`] topics are tracked, in
+//! a [`devices::Table`] keyed by a hash of the topic: a new topic in a full table evicts the
+//! least recently used one (counted), so a flood of new topics cannot make a busy device's
+//! redeliveries count twice, and the memory is the same for short and long topics (about
+//! 600 bytes a device: 2.4 MiB at most per pipeline).
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
+
+use super::devices::{self, DeviceKey};
 
 /// Recent frames remembered per device.
 pub const WINDOW: usize = 64;
@@ -25,9 +28,14 @@ struct Recent {
 }
 
 /// Per-pipeline duplicate detector.
-#[derive(Default)]
 pub struct Dedup {
-    devices: Mutex<HashMap<Box<str>, Recent>>,
+    devices: Mutex<devices::Table<Recent>>,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup { devices: Mutex::new(devices::Table::new(MAX_DEVICES)) }
+    }
 }
 
 /// A cheap fingerprint of a payload: its length and its first and last 256 bytes.
@@ -44,20 +52,22 @@ impl Dedup {
     pub fn is_duplicate(&self, device: &str, seq: u64, fingerprint: u64) -> bool {
         let key = seq.rotate_left(32) ^ fingerprint;
         let mut g = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        let n = g.len();
-        let recent = match g.get_mut(device) {
-            Some(r) => r,
-            None if n < MAX_DEVICES => {
-                g.entry(device.into()).or_insert(Recent { keys: [u64::MAX; WINDOW], next: 0 })
-            }
-            None => return false,
-        };
+        let (recent, _, _) = g.get_or_insert_with(DeviceKey::of(device), || Recent {
+            keys: [u64::MAX; WINDOW],
+            next: 0,
+        });
         if recent.keys.contains(&key) {
             return true;
         }
         recent.keys[recent.next] = key;
         recent.next = (recent.next + 1) % WINDOW;
         false
+    }
+
+    /// (devices tracked, devices evicted to make room) for health.
+    pub fn table(&self) -> (usize, u64) {
+        let g = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        (g.len(), g.evicted())
     }
 }
 
@@ -77,7 +87,7 @@ mod tests {
     }
 
     #[test]
-    fn the_window_forgets_old_frames_and_the_map_is_bounded() {
+    fn the_window_forgets_old_frames_and_the_table_is_bounded() {
         let d = Dedup::default();
         let f = fingerprint(b"x");
         for seq in 0..=WINDOW as u64 {
@@ -87,10 +97,23 @@ mod tests {
         for i in 0..MAX_DEVICES + 10 {
             d.is_duplicate(&format!("d{i}"), 1, f);
         }
-        let n = d.devices.lock().map(|g| g.len()).unwrap_or(0);
-        assert_eq!(n, MAX_DEVICES);
-        assert!(!d.is_duplicate("untracked", 1, f));
-        assert!(!d.is_duplicate("untracked", 1, f), "untracked devices are never duplicates");
+        assert_eq!(d.table(), (MAX_DEVICES, 11), "the least recently used were evicted");
+    }
+
+    /// Regression: after 4,096 other topics, a busy device's QoS 1 redelivery was served twice
+    /// (a full table refused new devices and a forgotten one was never tracked again).
+    #[test]
+    fn a_flood_of_topics_does_not_make_a_busy_devices_redelivery_count_twice() {
+        let d = Dedup::default();
+        let f = fingerprint(b"frame");
+        for i in 0..3 * MAX_DEVICES {
+            d.is_duplicate(&format!("attacker/{i}/{}", "x".repeat(1000)), 1, f);
+            if i % 1000 == 0 {
+                assert!(!d.is_duplicate("real", i as u64, f));
+                assert!(d.is_duplicate("real", i as u64, f), "redelivery {i} recognised");
+            }
+        }
+        assert_eq!(d.table().0, MAX_DEVICES);
     }
 
     #[test]

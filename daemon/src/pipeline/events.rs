@@ -15,18 +15,20 @@
 //!   older (by frame number) than one already observed does not move the state; it is published
 //!   only with `publish = "always"`.
 //!
-//! State is bounded by `max_devices`: a new device beyond it forgets the least recently seen one
-//! (whose next result then counts as its first). Withheld results are counted
+//! State is bounded by `max_devices` in a [`devices::Table`] (keyed by a hash of the topic: the
+//! same few dozen bytes a device however long its topic; O(1) per result): a new device beyond
+//! it forgets the least recently seen one (whose next result then counts as its first). Withheld results are counted
 //! (`results_suppressed`) and each published event says how many of its device's results were
 //! withheld since the previous one.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::config::PostProcess;
 use crate::config::events::{EventsConfig, Publish};
+
+use super::devices::{self, DeviceKey};
 
 /// What event mode compares between a device's results.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,7 +63,6 @@ struct DeviceState {
     published_key: Option<u64>,
     published_value: Option<f64>,
     last_published: Instant,
-    last_seen: Instant,
     suppressed: u64,
 }
 
@@ -70,7 +71,7 @@ struct DeviceState {
 pub struct EventGate {
     cfg: EventsConfig,
     band: Option<(f64, f64)>,
-    devices: Mutex<HashMap<Box<str>, DeviceState>>,
+    devices: Mutex<devices::Table<DeviceState>>,
     /// Devices forgotten to stay within `max_devices`.
     pub evicted: AtomicU64,
 }
@@ -88,7 +89,7 @@ impl EventGate {
         Some(EventGate {
             cfg: cfg.clone(),
             band,
-            devices: Mutex::new(HashMap::new()),
+            devices: Mutex::new(devices::Table::new(cfg.max_devices)),
             evicted: AtomicU64::new(0),
         })
     }
@@ -101,39 +102,17 @@ impl EventGate {
     /// Observes frame `frame` (the pipeline's frame counter) of `device` and decides.
     pub fn decide(&self, device: &str, frame: u64, obs: Observation, now: Instant) -> Decision {
         let mut map = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        let mut first = false;
-        if !map.contains_key(device) {
-            if map.len() >= self.cfg.max_devices {
-                let oldest = map.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    map.remove(&k);
-                    self.evicted.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            map.insert(
-                device.into(),
-                DeviceState {
-                    last_frame: frame,
-                    active: false,
-                    published_key: None,
-                    published_value: None,
-                    last_published: now,
-                    last_seen: now,
-                    suppressed: 0,
-                },
-            );
-            first = true;
+        let (st, first, evicted) = map.get_or_insert_with(DeviceKey::of(device), || DeviceState {
+            last_frame: frame,
+            active: false,
+            published_key: None,
+            published_value: None,
+            last_published: now,
+            suppressed: 0,
+        });
+        if evicted.is_some() {
+            self.evicted.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(st) = map.get_mut(device) else {
-            // Inserted just above under the same lock.
-            return Decision {
-                publish: true,
-                active: None,
-                reason: "always",
-                suppressed: 0,
-                mode: self.cfg.publish,
-            };
-        };
         let band = self.band;
         if !first && frame < st.last_frame {
             let publish = self.cfg.publish == Publish::Always;
@@ -151,7 +130,6 @@ impl EventGate {
             };
         }
         st.last_frame = frame;
-        st.last_seen = now;
         let was_active = st.active;
         if let (Some((on, off)), Observation::Value(v)) = (band, obs) {
             if !st.active && v > on {

@@ -10,6 +10,7 @@ pub mod cbor;
 pub mod decode;
 pub mod dedup;
 pub mod detect;
+pub mod devices;
 pub mod envelope;
 pub mod events;
 pub mod image;
@@ -139,7 +140,7 @@ pub struct Pipeline {
     /// Per-device admission (used when `overload.adaptive`).
     pub shedder: Shedder,
     /// QoS 1 redeliveries seen recently, per device.
-    dedup: dedup::Dedup,
+    pub dedup: dedup::Dedup,
     /// The overload controller's state; ticked by `app`.
     pub controller: Mutex<Controller>,
     /// SLO evaluation; ticked by `app` (`None`: no objectives configured).
@@ -501,6 +502,18 @@ impl Pipeline {
             Push::Evicted(_) | Push::Full(_) => self.stats.drop_frame(DropReason::QueueFull),
             Push::Closed(_) => self.stats.drop_frame(DropReason::Shutdown),
         }
+    }
+
+    /// A message that matched this pipeline's filter on a topic longer than
+    /// `broker.max_topic_length`: counted as received and rejected (`topic_too_long`), never
+    /// decoded, queued or remembered per device. The error message carries the topic cut short.
+    pub fn reject_long_topic(&self, topic: &str, limit: usize, publisher: &dyn Publisher) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let r = Reject::new(
+            crate::telemetry::RejectReason::TopicTooLong,
+            format!("the topic is {} bytes, above broker.max_topic_length ({limit})", topic.len()),
+        );
+        self.reject(crate::topic::shorten(topic, 128), &r, publisher);
     }
 
     fn reject(&self, topic: &str, r: &Reject, publisher: &dyn Publisher) {

@@ -33,17 +33,22 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::devices::DeviceKey;
+
 /// Fraction of the measured service rate the controller admits while shedding (headroom for
 /// jitter in the rate estimates; the README's overload table was measured with this value).
 pub const UTILIZATION: f64 = 0.95;
 /// Arrivals above this multiple of the service rate start shedding even with a short queue
 /// (the rate estimates are noisy: at exactly 1x saturation 1.0 flapped into shedding).
 const OVERRATE: f64 = 1.05;
-/// Devices tracked individually; beyond that, new devices share one bucket (bounded memory
-/// whatever the topics say).
+/// Devices tracked individually; beyond that, new devices share one bucket. Devices are keyed
+/// by a hash of their name and keep at most [`NAME_BYTES`] of it for health: about 200 bytes
+/// a device (under 1 MiB per pipeline) whatever the topics say.
 pub const MAX_DEVICES: usize = 4096;
-/// Key of the shared bucket for devices beyond [`MAX_DEVICES`].
+/// Name of the shared bucket for devices beyond [`MAX_DEVICES`] (NUL cannot be in a topic).
 const OVERFLOW_KEY: &str = "\u{0}other";
+/// Bytes of a device's name kept for the health report.
+const NAME_BYTES: usize = 64;
 /// Memory PSI `some avg10` (percent) above which the controller treats memory as under pressure.
 const PSI_PRESSURE: f64 = 10.0;
 /// `memory.current / memory.high` above which memory is under pressure.
@@ -60,6 +65,8 @@ fn alpha(dt: Duration) -> f64 {
 
 #[derive(Debug, Default)]
 struct Device {
+    /// The device's name (its first topic capture), cut to NAME_BYTES, for health.
+    name: Box<str>,
     /// Arrivals since the controller last looked.
     arrivals: u64,
     /// Arrivals per second, smoothed.
@@ -76,7 +83,7 @@ struct Device {
 
 #[derive(Default)]
 struct ShedInner {
-    devices: HashMap<Box<str>, Device>,
+    devices: HashMap<DeviceKey, Device>,
 }
 
 /// Per-device admission on the ingest path.
@@ -94,11 +101,13 @@ impl Shedder {
     pub fn admit(&self, device: &str) -> bool {
         let mut g = self.lock();
         let n = g.devices.len();
-        let d = match g.devices.get_mut(device) {
+        let key = DeviceKey::of(device);
+        let d = match g.devices.get_mut(&key) {
             Some(d) => d,
             None => {
-                let key: &str = if n < MAX_DEVICES { device } else { OVERFLOW_KEY };
-                g.devices.entry(key.into()).or_insert_with(|| Device {
+                let name = if n < MAX_DEVICES { device } else { OVERFLOW_KEY };
+                g.devices.entry(DeviceKey::of(name)).or_insert_with(|| Device {
+                    name: crate::topic::shorten(name, NAME_BYTES).into(),
                     admit: 1.0,
                     credit: 1.0,
                     ..Device::default()
@@ -131,7 +140,7 @@ impl Shedder {
             .devices
             .iter()
             .filter(|(_, d)| d.shed > 0)
-            .map(|(k, d)| (k.to_string(), d.admitted, d.shed))
+            .map(|(_, d)| (d.name.to_string(), d.admitted, d.shed))
             .collect();
         v.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
         v.truncate(n);

@@ -24,21 +24,28 @@
 //!   the gap as its first chunk.
 //!
 //! Memory: one window buffer per device (`samples * channels` f32, allocated when the device
-//! appears), at most `max_devices` devices (a silent device gives its place up after
-//! `idle_timeout`; chunks from devices beyond the bound are refused and counted), the reorder
+//! appears), at most `max_devices` devices in a [`devices::Table`] keyed by a hash of the topic
+//! (a silent device gives its place up after `idle_timeout`; a new device in a full table
+//! displaces the least recently heard one, counted, so a flood of new ids never locks a real
+//! device out), the reorder
 //! buffer holds references to at most `reorder` received packets per device, and the chunk
 //! markers are a fixed ring. Appending a chunk allocates nothing; each completed window is one
-//! allocation (the tensor buffer the queue holds).
+//! allocation (the tensor buffer the queue holds). Work per chunk is bounded: a chunk completes
+//! at most `MAX_WINDOWS_PER_CHUNK` windows (validate bounds `max_payload / hop` and
+//! `max_gap / hop`), and a gap that would zero-fill more resets the window instead.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::config::window::{GapPolicy, WindowConfig, WindowLayout, WireSample};
+use crate::config::window::{
+    GapPolicy, MAX_WINDOWS_PER_CHUNK, WindowConfig, WindowLayout, WireSample,
+};
 use crate::model::{DType, TensorSpec};
+use crate::pipeline::devices::{self, DeviceKey};
 
 /// A chunk this far (in seq) behind the expected one is late; further behind, the device
 /// restarted its numbering.
@@ -194,8 +201,9 @@ pub struct WindowStats {
     pub resets: AtomicU64,
     /// Devices whose state was dropped after `idle_timeout` of silence.
     pub evicted: AtomicU64,
-    /// Chunks refused because `max_devices` devices had state and none was idle.
-    pub refused: AtomicU64,
+    /// Devices forgotten (the least recently heard) to make room for a new one while
+    /// `max_devices` devices had state.
+    pub displaced: AtomicU64,
     /// Held chunks discarded with an evicted device's state or a restarted stream.
     pub discarded: AtomicU64,
     /// Devices with state now.
@@ -222,7 +230,7 @@ impl WindowStats {
             ("late", g(&self.late)),
             ("resets", g(&self.resets)),
             ("evicted", g(&self.evicted)),
-            ("refused", g(&self.refused)),
+            ("displaced", g(&self.displaced)),
             ("discarded", g(&self.discarded)),
             ("devices", g(&self.devices)),
             ("held", g(&self.held)),
@@ -281,13 +289,14 @@ impl Stream {
 #[derive(Debug)]
 pub struct Assembler {
     plan: WindowPlan,
-    devices: HashMap<Box<str>, Stream>,
+    devices: devices::Table<Stream>,
     pushes: u64,
 }
 
 impl Assembler {
     pub fn new(plan: WindowPlan) -> Assembler {
-        Assembler { plan, devices: HashMap::new(), pushes: 0 }
+        let devices = devices::Table::new(plan.cfg.max_devices);
+        Assembler { plan, devices, pushes: 0 }
     }
 
     pub fn plan(&self) -> &WindowPlan {
@@ -308,19 +317,21 @@ impl Assembler {
         if self.pushes.is_multiple_of(SWEEP_EVERY) {
             self.evict_idle(now, stats);
         }
-        if !self.devices.contains_key(device) {
-            if self.devices.len() >= self.plan.cfg.max_devices {
-                self.evict_idle(now, stats);
-            }
-            if self.devices.len() >= self.plan.cfg.max_devices {
-                WindowStats::add(&stats.refused, 1);
-                return;
-            }
-            self.devices.insert(device.into(), Stream::new(&self.plan, now));
-            stats.devices.store(self.devices.len() as u64, Ordering::Relaxed);
+        let key = DeviceKey::of(device);
+        if self.devices.peek(key).is_none() && self.devices.len() >= self.plan.cfg.max_devices {
+            self.evict_idle(now, stats);
         }
         let plan = &self.plan;
-        let Some(st) = self.devices.get_mut(device) else { return };
+        let (_, new, displaced) = self.devices.get_or_insert_with(key, || Stream::new(plan, now));
+        if let Some(old) = displaced {
+            WindowStats::add(&stats.displaced, 1);
+            WindowStats::add(&stats.discarded, old.held.len() as u64);
+            stats.held.fetch_sub(old.held.len() as u64, Ordering::Relaxed);
+        }
+        if new {
+            stats.devices.store(self.devices.len() as u64, Ordering::Relaxed);
+        }
+        let Some(st) = self.devices.get_mut(key) else { return };
         st.last_seen = now;
         let held_before = st.held.len();
         accept(plan, st, chunk, stats, emit);
@@ -336,16 +347,12 @@ impl Assembler {
     /// discarded).
     pub fn evict_idle(&mut self, now: Instant, stats: &WindowStats) {
         let timeout = self.plan.cfg.idle_timeout;
-        let before = self.devices.len();
-        self.devices.retain(|_, st| {
-            let keep = now.saturating_duration_since(st.last_seen) < timeout;
-            if !keep {
-                WindowStats::add(&stats.discarded, st.held.len() as u64);
-                stats.held.fetch_sub(st.held.len() as u64, Ordering::Relaxed);
-            }
-            keep
-        });
-        WindowStats::add(&stats.evicted, (before - self.devices.len()) as u64);
+        let gone = self.devices.retain(|st| now.saturating_duration_since(st.last_seen) < timeout);
+        for st in &gone {
+            WindowStats::add(&stats.discarded, st.held.len() as u64);
+            stats.held.fetch_sub(st.held.len() as u64, Ordering::Relaxed);
+        }
+        WindowStats::add(&stats.evicted, gone.len() as u64);
         stats.devices.store(self.devices.len() as u64, Ordering::Relaxed);
     }
 
@@ -437,7 +444,13 @@ fn gap(
 ) {
     WindowStats::add(&stats.gaps, 1);
     let lost = missing.saturating_mul(frames as u64);
-    if plan.cfg.gap == GapPolicy::ZeroFill && lost <= plan.cfg.max_gap as u64 {
+    // Never unbounded work for one chunk: a fill that would complete more windows than a chunk
+    // may (validate keeps max_gap / hop within it) resets instead.
+    let windows = lost / plan.cfg.hop.max(1) as u64;
+    if plan.cfg.gap == GapPolicy::ZeroFill
+        && lost <= plan.cfg.max_gap as u64
+        && windows <= MAX_WINDOWS_PER_CHUNK
+    {
         WindowStats::add(&stats.zero_filled, lost);
         fill(plan, st, lost as usize, None, stats, emit);
     } else {

@@ -525,6 +525,26 @@ impl Pipeline {
             &frame.topic,
             &frame.captures,
         );
+        if scratch.topic.len() > crate::topic::MQTT_TOPIC_LIMIT {
+            // MQTT cannot encode it (a u16 length): refused here, before the client or the
+            // spool sees it. Input topics are capped by broker.max_topic_length; a template
+            // repeating a capture could still multiply one past the limit.
+            p.stats.fail(FailReason::Publish);
+            let detail = format!(
+                "the output topic renders to {} bytes, above MQTT's limit of {}",
+                scratch.topic.len(),
+                crate::topic::MQTT_TOPIC_LIMIT
+            );
+            p.report_error(
+                publisher,
+                &frame.topic,
+                FailReason::Publish.as_str(),
+                &detail,
+                frame.seq,
+                true,
+            );
+            return;
+        }
         // Handing the message to the MQTT client copies topic and payload into its own request
         // (rumqttc owns what it sends); everything before this point reuses buffers.
         match publisher.publish(&scratch.topic, &scratch.payload, p.cfg.qos, false) {

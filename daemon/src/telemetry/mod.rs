@@ -52,10 +52,13 @@ pub enum RejectReason {
     Truncated,
     /// A stream chunk whose envelope declares another sample rate than the pipeline's window.
     WrongSampleRate,
+    /// A message whose topic is longer than `broker.max_topic_length` (refused before routing:
+    /// no per-device state, no rendered output topic).
+    TopicTooLong,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::Empty,
         RejectReason::Oversized,
         RejectReason::WrongSize,
@@ -69,6 +72,7 @@ impl RejectReason {
         RejectReason::BadEnvelope,
         RejectReason::Truncated,
         RejectReason::WrongSampleRate,
+        RejectReason::TopicTooLong,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +90,7 @@ impl RejectReason {
             RejectReason::BadEnvelope => "bad_envelope",
             RejectReason::Truncated => "truncated",
             RejectReason::WrongSampleRate => "wrong_sample_rate",
+            RejectReason::TopicTooLong => "topic_too_long",
         }
     }
 }

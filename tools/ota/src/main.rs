@@ -3,13 +3,16 @@
 //!
 //!   edgeinfer-ota keygen --out fleet.key [--id fleet-2026]
 //!   edgeinfer-ota push --broker 127.0.0.1:1883 --device edge-01 --pipeline digits \
-//!       --model digits-v2.onnx --version 2 --key fleet.key --key-id fleet-2026
+//!       --model digits-v2.onnx --version 2 --release 42 --key fleet.key --key-id fleet-2026
 //!
-//! `push` publishes the signed manifest, streams the chunks, and then follows the device's
-//! status: chunks the device reports missing (after a lost connection, a broker restart or a
-//! device restart) are sent again, and the manifest is re-published after a reconnect so the
-//! device says where it stands. It exits 0 once the device reports `installed`, 1 on
-//! `rejected` (with the reason), 2 when it gives up.
+//! `push` publishes the signed manifest (for `--target`, the device id by default, valid for
+//! `--expires-in`), streams the chunks, and then follows the device's status: chunks the device
+//! reports missing (after a lost connection, a broker restart or a device restart) are sent
+//! again, and the manifest is re-published after a reconnect so the device says where it
+//! stands. `--release` must exceed every release the device accepted for the pipeline; a
+//! downgrade needs `--force`, which first asks the device for its nonce (a refused offer's
+//! answer carries it) and signs it into the manifest. It exits 0 once the device reports
+//! `installed`, 1 on `rejected` (with the reason), 2 when it gives up.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -20,10 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use clap::{Parser, Subcommand};
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::SigningKey;
 use edgeinfer::ota::Manifest;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-use sha2::{Digest, Sha256};
 
 #[derive(Parser)]
 #[command(version, about = "Sign and deliver models to edgeinfer devices over MQTT")]
@@ -32,6 +34,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a signing key (private seed, mode 0600) and print its public key for the
@@ -53,8 +57,20 @@ enum Cmd {
         pipeline: String,
         #[arg(long)]
         model: PathBuf,
+        /// A label for people (the model's own version is what health reports).
         #[arg(long)]
         version: String,
+        /// Release number, above every release the device accepted for this pipeline (a build
+        /// number or a timestamp: anything that only grows).
+        #[arg(long)]
+        release: u64,
+        /// Who may install it: the device id (default) or a group from the devices'
+        /// `ota.groups`.
+        #[arg(long)]
+        target: Option<String>,
+        /// How long the signed manifest stays valid, e.g. 24h, 30m, 7d.
+        #[arg(long, default_value = "24h")]
+        expires_in: String,
         /// Private key file from `keygen`.
         #[arg(long)]
         key: PathBuf,
@@ -62,7 +78,8 @@ enum Cmd {
         key_id: String,
         #[arg(long, default_value_t = 65536)]
         chunk_size: u64,
-        /// Allow a version that is not newer than the running one (signed into the manifest).
+        /// Allow a release that is not above the accepted one (a downgrade): the device's
+        /// current nonce is fetched and signed into the manifest, so it works once.
         #[arg(long)]
         force: bool,
         /// OTA base topic (`{device}` is replaced).
@@ -93,6 +110,9 @@ fn run(cli: Cli) -> Result<u8> {
             pipeline,
             model,
             version,
+            release,
+            target,
+            expires_in,
             key,
             key_id,
             chunk_size,
@@ -104,20 +124,36 @@ fn run(cli: Cli) -> Result<u8> {
             let sk = read_key(&key)?;
             let bytes =
                 std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
-            let mut m = Manifest {
-                pipeline,
-                version,
-                size: bytes.len() as u64,
-                sha256: Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+            let expires = edgeinfer::ota::unix_now() + parse_duration(&expires_in)?;
+            let mut m = Manifest::for_file(
+                &pipeline,
+                &version,
+                release,
+                target.as_deref().unwrap_or(&device),
+                expires,
+                &bytes,
                 chunk_size,
-                key_id,
-                force,
-                signature: String::new(),
-            };
-            m.signature = b64().encode(sk.sign(&m.signed_bytes()).to_bytes());
-            push(&broker, &base, &m, &bytes, Duration::from_secs(timeout))
+                &key_id,
+            );
+            m.force = force;
+            m.sign(&sk);
+            push(&broker, &base, m, &bytes, &sk, Duration::from_secs(timeout))
         }
     }
+}
+
+/// `30s`, `30m`, `24h`, `7d` as seconds.
+fn parse_duration(s: &str) -> Result<u64> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().with_context(|| format!("--expires-in {s:?}: expected e.g. 24h"))?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" | "" => 3600,
+        "d" => 86400,
+        _ => bail!("--expires-in {s:?}: the unit is s, m, h or d"),
+    };
+    Ok(n * mul)
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -159,7 +195,14 @@ enum Msg {
     Status(serde_json::Value),
 }
 
-fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration) -> Result<u8> {
+fn push(
+    broker: &str,
+    base: &str,
+    mut m: Manifest,
+    bytes: &[u8],
+    sk: &SigningKey,
+    timeout: Duration,
+) -> Result<u8> {
     let (host, port) = broker.rsplit_once(':').context("--broker is host:port")?;
     let id = format!("edgeinfer-ota-{}", std::process::id());
     let mut o = MqttOptions::new(id, host, port.parse::<u16>().context("broker port")?);
@@ -191,12 +234,13 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
             }
         }
     });
-    let manifest = serde_json::to_vec(m)?;
+    let mut manifest = serde_json::to_vec(&m)?;
+    let (pipeline, chunk_size) = (m.pipeline.clone(), m.chunk_size);
     let send_chunk = |n: u64| -> Result<()> {
-        let s = (n * m.chunk_size) as usize;
-        let e = (s + m.chunk_size as usize).min(bytes.len());
+        let s = (n * chunk_size) as usize;
+        let e = (s + chunk_size as usize).min(bytes.len());
         client.publish(
-            format!("{base}/{}/chunk/{n}", m.pipeline),
+            format!("{base}/{pipeline}/chunk/{n}"),
             QoS::AtLeastOnce,
             false,
             bytes[s..e].to_vec(),
@@ -204,9 +248,9 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
         Ok(())
     };
     // Offers the manifest; the device answers with a status saying what it has.
-    let offer = || {
+    let offer = |manifest: &Vec<u8>| {
         client.publish(
-            format!("{base}/{}/manifest", m.pipeline),
+            format!("{base}/{pipeline}/manifest"),
             QoS::AtLeastOnce,
             false,
             manifest.clone(),
@@ -235,7 +279,7 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
             Ok(Msg::Connected) => {
                 // (Re)subscribe and offer the manifest: the device answers with what it has.
                 client.subscribe(&status_topic, QoS::AtLeastOnce)?;
-                offer()?;
+                offer(&manifest)?;
                 resend = streamed;
                 last_activity = Instant::now();
             }
@@ -250,6 +294,20 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
                     "installed" => {
                         println!("installed version {} on {base}/{}", m.version, m.pipeline);
                         return Ok(0);
+                    }
+                    "rejected"
+                        if m.force
+                            && !streamed
+                            && m.nonce.is_empty()
+                            && v["nonce"].as_str().is_some_and(|n| !n.is_empty()) =>
+                    {
+                        // A forced offer is answered with the device's nonce: sign it in and
+                        // offer again (the nonce works once).
+                        m.nonce = v["nonce"].as_str().unwrap_or_default().to_string();
+                        m.sign(sk);
+                        manifest = serde_json::to_vec(&m)?;
+                        eprintln!("forced: signing the device's nonce into the manifest");
+                        offer(&manifest)?;
                     }
                     "rejected" => {
                         println!("rejected: {}", v["reason"].as_str().unwrap_or("?"));
@@ -291,7 +349,7 @@ fn push(broker: &str, base: &str, m: &Manifest, bytes: &[u8], timeout: Duration)
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Quiet for a while: ask again where the device stands.
                 if last_activity.elapsed() >= Duration::from_secs(5) {
-                    offer()?;
+                    offer(&manifest)?;
                     resend = streamed;
                     last_activity = Instant::now();
                 }

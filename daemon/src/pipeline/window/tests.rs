@@ -222,7 +222,7 @@ fn a_full_reorder_buffer_gives_up_on_the_missing_chunk() {
 }
 
 #[test]
-fn devices_are_bounded_and_idle_ones_evicted() {
+fn devices_are_bounded_by_displacing_the_least_recently_heard_and_idle_ones_evicted() {
     let mut c = cfg(4, 4, 1);
     c.max_devices = 2;
     c.reorder = 1;
@@ -230,15 +230,65 @@ fn devices_are_bounded_and_idle_ones_evicted() {
     r.push("a", ramp(0, 0, 1, 1));
     r.push("b", ramp(0, 0, 1, 1));
     r.push("b", ramp(2, 2, 1, 1)); // held
-    r.push("c", ramp(0, 0, 1, 1));
-    assert_eq!((r.stat("refused"), r.stat("devices"), r.asm.device_count()), (1, 2, 2));
-    // Devices are independent streams.
+    // Devices are independent streams; a is now the most recently heard.
     r.push("a", ramp(1, 1, 3, 1));
     assert_eq!(r.starts(), vec![0.0]);
+    // A third device in a full table displaces b (and its held chunk), never refused.
+    r.push("c", ramp(0, 0, 1, 1));
+    assert_eq!((r.stat("displaced"), r.stat("discarded"), r.stat("held")), (1, 1, 0));
+    assert_eq!((r.stat("devices"), r.asm.device_count()), (2, 2));
+    // After idle_timeout, a new device first clears the idle ones.
     r.now += Duration::from_secs(11);
-    r.push("c", ramp(0, 0, 4, 1));
-    assert_eq!((r.stat("evicted"), r.stat("discarded"), r.stat("held")), (2, 1, 0));
-    assert_eq!((r.stat("devices"), r.out.len()), (1, 2));
+    r.push("d", ramp(0, 0, 4, 1));
+    assert_eq!((r.stat("evicted"), r.stat("displaced"), r.stat("devices")), (2, 1, 1));
+    assert_eq!(r.out.len(), 2);
+}
+
+/// Regression: 64 attacker ids locked a real device out of a windowed pipeline (a full table
+/// refused new devices until one was idle for idle_timeout).
+#[test]
+fn a_flood_of_new_ids_never_locks_a_real_device_out() {
+    let mut c = cfg(4, 4, 1);
+    c.max_devices = 8;
+    let mut r = Rig::new(c);
+    for seq in 0..40u64 {
+        for i in 0..4 {
+            r.push(&format!("attacker-{seq}-{i}"), ramp(0, 0, 1, 1));
+        }
+        r.push("real", ramp(seq, seq as usize, 1, 1));
+    }
+    // The real device's 40 samples made windows at 0, 4, 8, ..., 36.
+    let real: Vec<f32> = r.starts().into_iter().filter(|s| *s >= 0.0).collect();
+    assert_eq!(real.len(), 10, "{real:?}");
+    assert!(r.stat("displaced") >= 150);
+    assert_eq!(r.stat("devices"), 8);
+}
+
+/// Regression: with hop = 1 and a huge max_gap (accepted then), one chunk with a seq jump made
+/// 974,609 zero-filled windows and stalled the event loop for 25 s. Validate now bounds
+/// max_gap / hop; the worst accepted config makes at most MAX_WINDOWS_PER_CHUNK windows from a
+/// gap, and anything beyond resets instead.
+#[test]
+fn a_gap_never_makes_more_windows_than_a_chunk_may() {
+    let mut c = cfg(8, 1, 1);
+    c.gap = GapPolicy::ZeroFill;
+    c.max_gap = MAX_WINDOWS_PER_CHUNK as usize; // hop 1: the most validate accepts
+    c.reorder = 0;
+    let mut r = Rig::new(c.clone());
+    r.push("d", ramp(0, 0, 8, 1));
+    let before = r.out.len();
+    // 16 chunks of 64 frames missing: 1024 frames of zeros, the limit.
+    r.push("d", ramp(17, 0, 64, 1));
+    let made = r.out.len() - before;
+    assert!(made as u64 <= MAX_WINDOWS_PER_CHUNK + 64, "{made}");
+    assert_eq!(r.stat("zero_filled"), 1024);
+    // One more missing chunk: over the limit, the window resets instead of filling.
+    let mut r = Rig::new(c);
+    r.push("d", ramp(0, 0, 8, 1));
+    let before = r.out.len();
+    r.push("d", ramp(30, 0, 64, 1));
+    assert_eq!(r.stat("zero_filled"), 0);
+    assert!(r.out.len() - before <= 64, "only the chunk's own windows");
 }
 
 #[test]
