@@ -6,7 +6,8 @@
 # Output: dist/edgeinfer-<target> (stripped) and dist/edgeinfer-<target>.debug (unstripped), with
 # `file` output and sizes printed. Uses the release profile (fat LTO, one codegen unit,
 # panic=abort). The device build leaves the demo broker out and uses mimalloc instead of musl's
-# malloc (--no-default-features --features mimalloc; see the README's allocator measurements)
+# malloc, with tract's multithreaded executor for the `threads` key (--no-default-features
+# --features mimalloc,multithread; see the README's allocator and size measurements)
 # unless cargo flags are given.
 #
 # Toolchain (installed on first use, cached outside the clone):
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 which_targets="${1:-all}"
 shift || true
 cargo_flags=("$@")
-if [[ ${#cargo_flags[@]} -eq 0 ]]; then cargo_flags=(--no-default-features --features mimalloc); fi
+if [[ ${#cargo_flags[@]} -eq 0 ]]; then cargo_flags=(--no-default-features --features mimalloc,multithread); fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgeinfer/target}"
 tools="${EDGEINFER_TOOLS:-$HOME/.cache/edgeinfer/toolchain}"

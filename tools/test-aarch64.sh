@@ -14,9 +14,23 @@ fi
 tools/build-static.sh aarch64
 export EDGEINFER_BIN="$PWD/dist/edgeinfer-aarch64-unknown-linux-musl"
 export EDGEINFER_RUNNER=qemu-aarch64-static
-# ARM kernels round differently from onnxruntime's x86 ones; 1e-4 relative holds for the
-# fixtures (checked), so keep the same bar.
-export EDGEINFER_TOLERANCE="${EDGEINFER_TOLERANCE:-1e-4}"
-cargo test --locked -p edgeinfer-tests --test integration -- --test-threads 2 \
-  models:: routing::many_devices malformed::malformed_frames lifecycle::health_is_retained \
-  cli::validate_reports cli::inspect_describes
+# `-cpu max`: an ARMv8.2+ CPU with FP16 arithmetic, as a Raspberry Pi 5 (Cortex-A76) or a Jetson
+# Orin (A78AE) has, so the f16 kernels run (correctness only: emulated timings mean nothing).
+export QEMU_CPU=max
+tests=(models:: routing::many_devices malformed::malformed_frames lifecycle::health_is_retained
+  cli::validate_reports cli::inspect_describes)
+
+# 1. f32, as on a Pi 4 or any CPU without FP16: ARM kernels round differently from onnxruntime's
+#    x86 ones; 1e-4 relative holds for the fixtures (checked), the same bar as on x86.
+echo "== aarch64 under qemu -cpu max, precision = \"f32\": outputs within 1e-4 of onnxruntime"
+EDGEINFER_TEST_PRECISION=f32 EDGEINFER_TOLERANCE="${EDGEINFER_TOLERANCE:-1e-4}" \
+  EDGEINFER_EXPECT_PRECISION=f32 \
+  cargo test --locked -p edgeinfer-tests --test integration -- --test-threads 2 "${tests[@]}"
+
+# 2. precision = "auto" (the default), which on this FP16 CPU must pick f16: every fixture's
+#    f16 outputs against the same onnxruntime (f32) references, within the f16 tolerance of
+#    config::engine::F16_TOLERANCE (2e-2 x max(1, |reference|)).
+echo "== aarch64 under qemu -cpu max, precision = \"auto\" (f16): outputs within 2e-2 of onnxruntime"
+EDGEINFER_TOLERANCE=2e-2 EDGEINFER_EXPECT_PRECISION=f16 \
+  cargo test --locked -p edgeinfer-tests --test integration -- --test-threads 2 \
+  models:: engine::auto_precision
