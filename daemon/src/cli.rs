@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand};
 use crate::app::{self, AppError, StopHandle};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, units};
 use crate::model::{LoadOptions, Model};
-use crate::telemetry::Histogram;
 
 /// sysexits: command line usage error.
 pub const EX_USAGE: u8 = 64;
@@ -745,24 +744,19 @@ struct Timings {
 }
 
 impl Timings {
-    /// Statistics of whole-run times; with a batch, per frame (run time / batch).
+    /// Statistics of whole-run times; with a batch, per frame (run time / batch). Exact order
+    /// statistics (not histogram buckets): benchmark ratios are computed from them.
     fn of(run_times: &[Duration], batch: usize) -> Timings {
-        let h = Histogram::default();
-        let mut min = Duration::MAX;
-        let mut sum = Duration::ZERO;
-        for t in run_times {
-            let d = *t / batch as u32;
-            h.record(d);
-            min = min.min(d);
-            sum += d;
-        }
-        let snap = h.snapshot();
+        let mut v: Vec<Duration> = run_times.iter().map(|t| *t / batch as u32).collect();
+        v.sort_unstable();
+        let n = v.len();
+        let at = |q: f64| v.get(((q * n as f64).ceil() as usize).clamp(1, n.max(1)) - 1).copied();
         Timings {
-            runs: run_times.len(),
-            mean: sum / run_times.len().max(1) as u32,
-            p50: snap.quantile(0.5).unwrap_or_default(),
-            p99: snap.quantile(0.99).unwrap_or_default(),
-            min,
+            runs: n,
+            mean: v.iter().sum::<Duration>() / n.max(1) as u32,
+            p50: if n == 0 { Duration::ZERO } else { v[(n - 1) / 2] },
+            p99: at(0.99).unwrap_or_default(),
+            min: v.first().copied().unwrap_or_default(),
         }
     }
 }
@@ -795,6 +789,16 @@ pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_are_exact_order_statistics_per_frame() {
+        let ms = |v: u64| Duration::from_millis(v);
+        let t = Timings::of(&[ms(40), ms(10), ms(30), ms(20), ms(1000)], 2);
+        assert_eq!((t.runs, t.min, t.p50, t.p99), (5, ms(5), ms(15), ms(500)));
+        assert_eq!(t.mean, ms(110));
+        let one = Timings::of(&[ms(7)], 1);
+        assert_eq!((one.p50, one.p99, one.min, one.mean), (ms(7), ms(7), ms(7), ms(7)));
+    }
 
     #[test]
     fn shape_args() {
