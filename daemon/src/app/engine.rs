@@ -148,6 +148,10 @@ fn auto_precision(
 /// The CUDA plan, checked against the CPU f32 plan on the sample input; the reason as text
 /// when it cannot run here.
 fn load_cuda(path: &std::path::Path, opts: &LoadOptions) -> Result<Model, String> {
+    if !crate::config::engine::CUDA_BUILT {
+        // Say so before parsing the model twice for nothing.
+        return Err("this edgeinfer was built without the `cuda` feature".into());
+    }
     let gpu = Model::load(path, &LoadOptions { cuda: true, ..opts.clone() })
         .map_err(|e| error_chain(&e))?;
     let cpu = Model::load(path, opts).map_err(|e| error_chain(&e))?;
