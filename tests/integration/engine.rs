@@ -66,9 +66,9 @@ fn two_threads_per_inference_serve_the_reference_outputs() {
 }
 
 /// `precision = "auto"` and `backend = "auto"`: health says what was asked for, what runs and
-/// why. On x86 (no FP16 arithmetic) auto runs f32; under qemu-aarch64 `-cpu max` (FP16)
-/// tools/test-aarch64.sh sets EDGEINFER_EXPECT_PRECISION=f16. Without a usable GPU (no
-/// `cuda` feature, or no device) backend auto runs on the CPU with the reason.
+/// why. On x86 (no FP16 arithmetic) auto runs f32; tools/test-aarch64.sh sets
+/// EDGEINFER_EXPECT_PRECISION for the emulated aarch64 run. Without a usable GPU (no `cuda`
+/// feature, or no device) backend auto runs on the CPU with the reason.
 #[test]
 fn auto_precision_and_backend_decisions_are_reported_in_health() {
     let fx = Fixture::load("sensor_cnn").expect("fixture");

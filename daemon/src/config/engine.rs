@@ -48,9 +48,11 @@ impl Precision {
 
 /// `precision = "auto"` accepts the f16 plan when every output of the self-check stays within
 /// this bound: `max |f16 - f32| <= F16_TOLERANCE * max(1, max |f32|)`, per output. f16 has an
-/// 11-bit significand (relative step 2^-11 ~ 4.9e-4); a convnet accumulates a few dozen such
-/// roundings, measured at 1e-3 to 6e-3 on the fixtures under qemu `-cpu max`.
-pub const F16_TOLERANCE: f64 = 2e-2;
+/// 11-bit significand (relative step 2^-11 ~ 4.9e-4) and a convnet accumulates many roundings:
+/// measured against onnxruntime's f32 references on the static aarch64 binary under
+/// `qemu-aarch64-static -cpu max`, the fixtures stay within 2e-2 except MobileNetV3-small's
+/// logits at 3.3e-2 (0.19 on logits of magnitude 5.7), which keeps its top classes.
+pub const F16_TOLERANCE: f64 = 5e-2;
 
 /// The engine keys of one pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
