@@ -6,9 +6,10 @@
 # Output: dist/edgeinfer-<target> (stripped) and dist/edgeinfer-<target>.debug (unstripped), with
 # `file` output and sizes printed. Uses the release profile (fat LTO, one codegen unit,
 # panic=abort). The device build leaves the demo broker out and uses mimalloc instead of musl's
-# malloc, with tract's multithreaded executor for the `threads` key (--no-default-features
-# --features mimalloc,multithread; see the README's allocator and size measurements)
-# unless cargo flags are given.
+# malloc (--no-default-features --features mimalloc; see the README's allocator measurements)
+# unless cargo flags are given. Add `multithread` for the pipeline key `threads` > 1: it costs
+# ~4.2 MB on aarch64 (22.0 MB stripped with it, 17.8 MB without; see
+# docs/performance/inference.md), so device images opt in.
 #
 # Toolchain (installed on first use, cached outside the clone):
 # - `rustup target add <arch>-unknown-linux-musl`;
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 which_targets="${1:-all}"
 shift || true
 cargo_flags=("$@")
-if [[ ${#cargo_flags[@]} -eq 0 ]]; then cargo_flags=(--no-default-features --features mimalloc,multithread); fi
+if [[ ${#cargo_flags[@]} -eq 0 ]]; then cargo_flags=(--no-default-features --features mimalloc); fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgeinfer/target}"
 tools="${EDGEINFER_TOOLS:-$HOME/.cache/edgeinfer/toolchain}"
