@@ -7,7 +7,9 @@
 # `file` output and sizes printed. Uses the release profile (fat LTO, one codegen unit,
 # panic=abort). The device build leaves the demo broker out and uses mimalloc instead of musl's
 # malloc (--no-default-features --features mimalloc; see the README's allocator measurements)
-# unless cargo flags are given.
+# unless cargo flags are given. Add `multithread` for the pipeline key `threads` > 1: it costs
+# ~4.2 MB on aarch64 (22.0 MB stripped with it, 17.8 MB without; see
+# docs/performance/inference.md), so device images opt in.
 #
 # Toolchain (installed on first use, cached outside the clone):
 # - `rustup target add <arch>-unknown-linux-musl`;

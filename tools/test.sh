@@ -43,11 +43,15 @@ start=$(date +%s)
 if [[ $quick -eq 0 ]]; then
   echo "== cargo fmt --check"
   cargo fmt --all -- --check
-  echo "== cargo clippy (all targets, -D warnings)"
-  cargo clippy --workspace --all-targets --locked -- -D warnings
+  # Every clippy pass includes the `cuda` feature (tract-cuda: checked, not linked, no GPU
+  # needed), so all passes share one feature set for tract and tract is checked once; the
+  # feature-off paths are compiled by the test build below.
+  echo "== cargo clippy (all targets, with the CUDA backend, -D warnings)"
+  cargo clippy --workspace --all-targets --locked --features edgeinfer/cuda -- -D warnings
   echo "== cargo clippy (device build: no demo broker; and with the test-only fault hooks)"
-  cargo clippy -p edgeinfer --no-default-features --all-targets --locked -- -D warnings
-  cargo clippy -p edgeinfer --features fault-hooks --all-targets --locked -- -D warnings
+  cargo clippy -p edgeinfer --no-default-features --features multithread,mimalloc,cuda \
+    --all-targets --locked -- -D warnings
+  cargo clippy -p edgeinfer --features fault-hooks,cuda --all-targets --locked -- -D warnings
 fi
 echo "== build the daemon binary used by the integration tests (with the test-only fault hooks)"
 cargo build -p edgeinfer --bins --locked --features fault-hooks

@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand};
 use crate::app::{self, AppError, StopHandle};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, units};
 use crate::model::{LoadOptions, Model};
-use crate::telemetry::Histogram;
 
 /// sysexits: command line usage error.
 pub const EX_USAGE: u8 = 64;
@@ -86,9 +85,12 @@ pub enum Command {
         /// Threads per inference (tract's multithread executor; needs the `multithread` feature).
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Run in f16 (weights and activations converted from f32).
+        /// Run in f16 (weights and activations converted from f32; inputs and outputs stay f32).
         #[arg(long)]
         f16: bool,
+        /// Build the plan with tract-cuda (a build with the `cuda` feature and an NVIDIA GPU).
+        #[arg(long)]
+        cuda: bool,
         /// Use (and fill) the optimized-model cache in this directory, as the daemon does with
         /// its state directory: a second run shows the cached load time.
         #[arg(long, value_name = "DIR")]
@@ -96,6 +98,19 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Per-node time of the optimized plan (tract's own per-node evaluation), grouped by
+        /// operator type, with the most expensive nodes and their share of the total; medians
+        /// over `--runs` runs on a deterministic sample input.
+        #[arg(long)]
+        profile: bool,
+        /// With --profile: how many of the most expensive nodes to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Write the sample input and the plan's outputs for it into this directory
+        /// (`input.<name>.bin`, `output.<name>.bin`: little-endian, C order), so another engine
+        /// can be compared on the same input (tools/gpu-check.sh).
+        #[arg(long, value_name = "DIR")]
+        dump: Option<PathBuf>,
         /// Also time decoding this JPEG/PNG and pre-processing it into the model's image input
         /// (bilinear resize to its H x W, ImageNet normalization, NCHW or NHWC from the shape),
         /// `runs` times each, against the inference time.
@@ -143,15 +158,20 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             batch,
             threads,
             f16,
+            cuda,
             cache,
             json,
+            profile,
+            top,
+            dump,
             bench_image,
         } => inspect(
             &model,
             &input_shapes,
             runs,
             json,
-            Levers { batch, threads, half: f16, cache, bench_image },
+            Levers { batch, threads, half: f16, cuda, cache, bench_image, dump },
+            profile.then_some(top),
         ),
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(&args),
@@ -193,7 +213,7 @@ fn run(path: &Path) -> ExitCode {
     };
     match app::run(config, StopHandle::default()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ (AppError::Files { .. } | AppError::Root)) => {
+        Err(e @ (AppError::Files { .. } | AppError::Root | AppError::Backend { .. })) => {
             report(&e);
             ExitCode::from(EX_CONFIG)
         }
@@ -278,11 +298,89 @@ struct Levers {
     batch: usize,
     threads: usize,
     half: bool,
+    cuda: bool,
     cache: Option<PathBuf>,
     bench_image: Option<PathBuf>,
+    dump: Option<PathBuf>,
 }
 
-fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Levers) -> ExitCode {
+/// `inspect` on a model it cannot build a plan for without more shapes: prints the inputs and
+/// outputs as the file declares them (JSON with `--json`) and the `--input-shape` arguments to
+/// pass; exit 64 (usage), since the command line is what needs changing.
+fn inspect_declared(path: &Path, json: bool) -> ExitCode {
+    let declared = match crate::model::describe(path) {
+        Ok(d) => d,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(EX_FAILURE);
+        }
+    };
+    let needed: Vec<String> = declared
+        .inputs
+        .iter()
+        .filter(|t| t.unresolved())
+        .map(crate::model::DeclaredTensor::shape_hint)
+        .collect();
+    let dims = |t: &crate::model::DeclaredTensor| {
+        t.dims.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    let dtype = |t: &crate::model::DeclaredTensor| {
+        t.dtype.map_or_else(|| format!("onnx type {}", t.elem_type), |d| d.name().to_string())
+    };
+    if json {
+        let spec = |t: &crate::model::DeclaredTensor| serde_json::json!({"name": t.name, "dtype": dtype(t), "declared": dims(t)});
+        let v = serde_json::json!({
+            "path": path, "opset": declared.opset, "onnx_nodes": declared.nodes,
+            "inputs": declared.inputs.iter().map(spec).collect::<Vec<_>>(),
+            "outputs": declared.outputs.iter().map(spec).collect::<Vec<_>>(),
+            "needs_input_shape": needed,
+        });
+        println!("{v}");
+    } else {
+        println!("model     {}", path.display());
+        println!(
+            "declared  {} ONNX nodes, opset {}",
+            declared.nodes,
+            declared.opset.map_or_else(|| "?".into(), |o| o.to_string())
+        );
+        println!("inputs (as declared):");
+        for t in &declared.inputs {
+            println!("  {:<20} {:<4} [{}]", t.name, dtype(t), dims(t).join(", "));
+        }
+        println!("outputs (as declared):");
+        for t in &declared.outputs {
+            println!("  {:<20} {:<4} [{}]", t.name, dtype(t), dims(t).join(", "));
+        }
+    }
+    let args: Vec<String> = needed.iter().map(|n| format!("--input-shape {n}")).collect();
+    eprintln!(
+        "error: cannot build a plan for {}: input(s) {} have symbolic dimensions besides the \
+         batch axis",
+        path.display(),
+        declared
+            .inputs
+            .iter()
+            .filter(|t| t.unresolved())
+            .map(|t| format!("`{}`", t.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!(
+        "hint: pass {} (the capitalized names are the sizes to choose, e.g. 640 for a YOLO \
+         input); the daemon takes the same shape from pipelines.<name>.input_shapes",
+        args.join(" ")
+    );
+    ExitCode::from(EX_USAGE)
+}
+
+fn inspect(
+    path: &Path,
+    shapes: &[String],
+    runs: usize,
+    json: bool,
+    levers: Levers,
+    profile_top: Option<usize>,
+) -> ExitCode {
     let mut input_shapes = BTreeMap::new();
     for s in shapes {
         match parse_shape_arg(s) {
@@ -299,6 +397,7 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
         input_shapes,
         threads: levers.threads,
         half: levers.half,
+        cuda: levers.cuda,
         cache_dir: levers.cache.clone(),
         ..LoadOptions::default()
     };
@@ -306,6 +405,9 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
         // Find the inputs' declared shapes first, then ask for the batch on the leading axis.
         let probe = match Model::load(path, &opts) {
             Ok(m) => m,
+            Err(crate::model::ModelError::SymbolicInput { .. }) => {
+                return inspect_declared(path, json);
+            }
             Err(e) => {
                 report(&e);
                 return ExitCode::from(EX_FAILURE);
@@ -321,12 +423,46 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
     }
     let model = match Model::load(path, &opts) {
         Ok(m) => m,
+        Err(crate::model::ModelError::SymbolicInput { .. }) => {
+            return inspect_declared(path, json);
+        }
         Err(e) => {
             report(&e);
             return ExitCode::from(EX_FAILURE);
         }
     };
-    let timings = match time_runs(&model, runs, levers.batch.max(1)) {
+    // The daemon's start-up warm-up (a fresh session, one run on zeros), timed as the last
+    // stage of a cold start.
+    let warm_up = match model.warm_up() {
+        Ok(d) => d,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(EX_FAILURE);
+        }
+    };
+    if let Some(dir) = &levers.dump
+        && let Err(e) = dump_sample(&model, dir)
+    {
+        eprintln!("error: --dump {}: {e}", dir.display());
+        return ExitCode::from(EX_FAILURE);
+    }
+    // With --profile, the profiled runs are the timed runs (the node timers add tens of
+    // nanoseconds per node), so the inference line and the profile describe the same runs.
+    let profile = match profile_top {
+        Some(_) if runs > 0 => match model.profile(runs) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                report(&e);
+                return ExitCode::from(EX_FAILURE);
+            }
+        },
+        _ => None,
+    };
+    let timings = match &profile {
+        Some(p) => Ok(Some(Timings::of(&p.run_times, levers.batch.max(1)))),
+        None => time_runs(&model, runs, levers.batch.max(1)),
+    };
+    let timings = match timings {
         Ok(t) => t,
         Err(e) => {
             report(&e);
@@ -359,13 +495,19 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
             "load_us": model.load_time.as_micros() as u64,
             "optimize_us": model.optimize_time.as_micros() as u64,
             "from_cache": model.from_cache,
-            "levers": {"batch": levers.batch, "threads": levers.threads, "f16": levers.half},
+            "stages": model.stages.to_json(),
+            "warm_up_us": warm_up.as_micros() as u64,
+            "levers": {"batch": levers.batch, "threads": levers.threads, "f16": levers.half, "backend": model.backend},
+            "placement": model.placement.map(|(gpu, cpu)| serde_json::json!({"gpu_nodes": gpu, "cpu_nodes": cpu})),
+            "arithmetic": model.arithmetic().to_json(),
+            "quantized": quantization_note(&model),
             "inference": timings.as_ref().map(|t| serde_json::json!({
                 "per_frame": true,
                 "runs": t.runs, "mean_us": t.mean.as_micros() as u64, "p50_us": t.p50.as_micros() as u64,
                 "p99_us": t.p99.as_micros() as u64, "min_us": t.min.as_micros() as u64,
             })),
             "image": image.as_ref().map(ImageTimings::json),
+            "profile": profile.as_ref().map(|p| p.to_json(profile_top.unwrap_or(10))),
         });
         println!("{v}");
         return ExitCode::SUCCESS;
@@ -401,13 +543,30 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
         if model.from_cache { " (from the model cache)" } else { "" }
     );
     println!("optimize  {:?}", model.optimize_time);
+    println!(
+        "stages    {}, warm-up {warm_up:.1?} (cold start to a warm plan {:.1?})",
+        model.stages.text(),
+        model.stages.total() + warm_up
+    );
+    let a = model.arithmetic();
+    println!(
+        "products  {} matmul/conv nodes in integers, {} in f16, {} in f32",
+        a.integer, a.f16, a.f32
+    );
+    if let Some(note) = quantization_note(&model) {
+        println!("note      {note}");
+    }
+    if let Some((gpu, cpu)) = model.placement {
+        println!("backend   {}: {gpu} plan nodes on the GPU, {cpu} on the CPU", model.backend);
+    }
     if let Some(t) = timings {
         println!(
-            "inference {} runs, batch {}, {} thread(s){}: per frame mean {:?}, p50 {:?}, p99 {:?}, min {:?}",
+            "inference {} runs, batch {}, {} thread(s){}{}: per frame mean {:?}, p50 {:?}, p99 {:?}, min {:?}",
             t.runs,
             levers.batch,
             levers.threads,
             if levers.half { ", f16" } else { "" },
+            if levers.cuda { ", cuda" } else { "" },
             t.mean,
             t.p50,
             t.p99,
@@ -417,7 +576,39 @@ fn inspect(path: &Path, shapes: &[String], runs: usize, json: bool, levers: Leve
     if let Some(t) = image {
         println!("{}", t.text());
     }
+    if let Some(p) = profile {
+        print!("{}", p.text(profile_top.unwrap_or(10)));
+    }
     ExitCode::SUCCESS
+}
+
+/// What `inspect` says about a quantized model's arithmetic (`None` for a float model).
+fn quantization_note(model: &Model) -> Option<String> {
+    crate::model::quantization_note(&model.op_histogram, model.arithmetic())
+}
+
+/// Runs the model once on the sample input and writes that input and the outputs as raw
+/// tensors into `dir`.
+fn dump_sample(model: &Model, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut s = model.session().map_err(|e| e.to_string())?;
+    s.fill_sample();
+    for (ix, spec) in model.inputs.iter().enumerate() {
+        std::fs::write(
+            dir.join(format!("input.{}.bin", spec.name.replace('/', "_"))),
+            s.input_mut(ix),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    s.run().map_err(|e| e.to_string())?;
+    for (spec, out) in model.outputs.iter().zip(s.outputs()) {
+        std::fs::write(
+            dir.join(format!("output.{}.bin", spec.name.replace('/', "_"))),
+            out.bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Per-frame cost of an image frame's CPU work before inference, against the inference.
@@ -552,6 +743,24 @@ struct Timings {
     min: Duration,
 }
 
+impl Timings {
+    /// Statistics of whole-run times; with a batch, per frame (run time / batch). Exact order
+    /// statistics (not histogram buckets): benchmark ratios are computed from them.
+    fn of(run_times: &[Duration], batch: usize) -> Timings {
+        let mut v: Vec<Duration> = run_times.iter().map(|t| *t / batch as u32).collect();
+        v.sort_unstable();
+        let n = v.len();
+        let at = |q: f64| v.get(((q * n as f64).ceil() as usize).clamp(1, n.max(1)) - 1).copied();
+        Timings {
+            runs: n,
+            mean: v.iter().sum::<Duration>() / n.max(1) as u32,
+            p50: if n == 0 { Duration::ZERO } else { v[(n - 1) / 2] },
+            p99: at(0.99).unwrap_or_default(),
+            min: v.first().copied().unwrap_or_default(),
+        }
+    }
+}
+
 /// Times `runs` inferences; with a batch, times are per frame (run time / batch).
 fn time_runs(
     model: &Model,
@@ -563,25 +772,13 @@ fn time_runs(
     }
     let mut s = model.session()?;
     s.run()?; // warm-up, not timed
-    let h = Histogram::default();
-    let mut min = Duration::MAX;
-    let mut sum = Duration::ZERO;
+    let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
         s.run()?;
-        let d = t.elapsed() / batch as u32;
-        h.record(d);
-        min = min.min(d);
-        sum += d;
+        times.push(t.elapsed());
     }
-    let snap = h.snapshot();
-    Ok(Some(Timings {
-        runs,
-        mean: sum / runs as u32,
-        p50: snap.quantile(0.5).unwrap_or_default(),
-        p99: snap.quantile(0.99).unwrap_or_default(),
-        min,
-    }))
+    Ok(Some(Timings::of(&times, batch)))
 }
 
 /// Parses a `--duration`-style argument.
@@ -592,6 +789,16 @@ pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_are_exact_order_statistics_per_frame() {
+        let ms = |v: u64| Duration::from_millis(v);
+        let t = Timings::of(&[ms(40), ms(10), ms(30), ms(20), ms(1000)], 2);
+        assert_eq!((t.runs, t.min, t.p50, t.p99), (5, ms(5), ms(15), ms(500)));
+        assert_eq!(t.mean, ms(110));
+        let one = Timings::of(&[ms(7)], 1);
+        assert_eq!((one.p50, one.p99, one.min, one.mean), (ms(7), ms(7), ms(7), ms(7)));
+    }
 
     #[test]
     fn shape_args() {

@@ -134,6 +134,83 @@ fn inspect_describes_every_fixture_and_names_unsupported_operators() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a valid ONNX file"));
 }
 
+/// `inspect --profile`: tract's per-node timing of the optimized plan, by operator type and
+/// top nodes, with shares that add up; the same runs give the inference line.
+#[test]
+fn inspect_profile_breaks_the_plan_time_down_by_operator_and_node() {
+    let model = fixtures().join("models/mobilenet/model.onnx");
+    let m = model.to_str().expect("utf8");
+    let out = edgeinfer(&["inspect", m, "--runs", "3", "--profile", "--top", "5", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let p = &v["profile"];
+    assert_eq!(p["runs"], 3);
+    assert_eq!(v["inference"]["runs"], 3, "the profiled runs are the timed runs");
+    let by_op = p["by_op"].as_array().expect("by_op");
+    let nodes = p["nodes"].as_array().expect("nodes");
+    assert!(by_op.len() >= 3 && nodes.len() >= 20, "{p}");
+    let count: u64 = by_op.iter().filter_map(|o| o["nodes"].as_u64()).sum();
+    assert_eq!(count as usize, nodes.len(), "every timed node in one operator group");
+    assert!(nodes.len() <= v["optimized_nodes"].as_u64().unwrap_or(0) as usize);
+    let share: f64 = by_op.iter().filter_map(|o| o["share"].as_f64()).sum();
+    assert!((share - 1.0).abs() < 1e-6, "shares add up to 1: {share}");
+    let times: Vec<f64> = by_op.iter().filter_map(|o| o["us"].as_f64()).collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "most expensive first: {times:?}");
+    let top = p["top"].as_array().expect("top");
+    assert_eq!(top.len(), 5);
+    assert!(
+        p["median_run_us"].as_f64().unwrap_or(0.0)
+            >= p["node_total_us"].as_f64().unwrap_or(f64::MAX) * 0.5
+    );
+
+    let out = edgeinfer(&["inspect", m, "--runs", "2", "--profile"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in ["profile   2 runs", "by operator type", "top 10 nodes", "%"] {
+        assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
+    }
+}
+
+/// A model whose input is `[batch, 3, height, width]` (a YOLO export with dynamic=True):
+/// inspect still describes it as declared and says which --input-shape to pass (exit 64);
+/// with the shape it builds, times and profiles the plan.
+#[test]
+fn inspect_describes_symbolic_inputs_and_names_the_input_shape_to_pass() {
+    let model = fixtures().join("models/dynamic_hw/model.onnx");
+    let m = model.to_str().expect("utf8");
+    let out = edgeinfer(&["inspect", m]);
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(64), "{stdout}\n{stderr}");
+    assert!(stdout.contains("images") && stdout.contains("[batch, 3, height, width]"), "{stdout}");
+    assert!(stdout.contains("logits") && stdout.contains("[batch, 4]"), "{stdout}");
+    assert!(stderr.contains("--input-shape images=1,3,HEIGHT,WIDTH"), "{stderr}");
+    assert!(
+        !stderr.contains("pipelines.<name>.input_shapes.images = [..] in the config"),
+        "{stderr}"
+    );
+
+    let out = edgeinfer(&["inspect", m, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["needs_input_shape"], serde_json::json!(["images=1,3,HEIGHT,WIDTH"]));
+    assert_eq!(v["inputs"][0]["declared"], serde_json::json!(["batch", "3", "height", "width"]));
+
+    let out = edgeinfer(&[
+        "inspect",
+        m,
+        "--input-shape",
+        "images=1,3,32,32",
+        "--runs",
+        "2",
+        "--profile",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 4]));
+    assert!(v["profile"]["by_op"].as_array().is_some_and(|a| !a.is_empty()));
+}
+
 /// The README's first command: the demo prints live results and exits cleanly.
 #[test]
 fn demo_prints_live_results_and_exits_cleanly() {

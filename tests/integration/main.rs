@@ -2,6 +2,7 @@
 //! models and their onnxruntime reference outputs. One binary, one module per area.
 
 mod cli;
+mod engine;
 mod events;
 mod faults;
 mod health;

@@ -628,8 +628,17 @@ impl Fixture {
     /// A `[pipelines.NAME]` table serving this fixture on `input`, results on `output`, plus
     /// `extra` TOML lines (keys of the pipeline table, then any sub-tables).
     pub fn pipeline(&self, name: &str, input: &str, output: &str, extra: &str) -> String {
+        // EDGEINFER_TEST_PRECISION (test-only knob): pins `precision` for every fixture pipeline,
+        // so tools/test-aarch64.sh can run the same tests once in f32 and once as `auto` picks
+        // (f16 under qemu -cpu max).
+        let precision = match std::env::var("EDGEINFER_TEST_PRECISION") {
+            Ok(p) if !p.is_empty() && !extra.contains("precision =") => {
+                format!("precision = {p:?}\n")
+            }
+            _ => String::new(),
+        };
         format!(
-            "[pipelines.{name}]\nmodel = {:?}\ninput = {input:?}\noutput = {output:?}\n{extra}\n",
+            "[pipelines.{name}]\nmodel = {:?}\ninput = {input:?}\noutput = {output:?}\n{precision}{extra}\n",
             self.model_path().display().to_string()
         )
     }

@@ -7,6 +7,7 @@
 //! SIGTERM/SIGINT.
 
 mod control;
+pub mod engine;
 pub mod metrics_http;
 mod reload;
 mod serve;
@@ -53,6 +54,11 @@ pub enum AppError {
     },
     #[error("start-up step `load models` failed for pipeline {pipeline}: {message}")]
     Mismatch { pipeline: String, message: String },
+    #[error(
+        "start-up step `load models` failed for pipeline {pipeline}: backend = \"cuda\", but {reason}; \
+         hint: set backend = \"auto\" to fall back to the CPU, or \"cpu\""
+    )]
+    Backend { pipeline: String, reason: String },
     #[error("start-up step `warm up` failed for pipeline {pipeline}")]
     WarmUp {
         pipeline: String,
@@ -168,9 +174,11 @@ pub fn run(config: Config, stop: StopHandle) -> Result<(), AppError> {
     app.serve(stop)
 }
 
-/// A loaded, warmed-up model with its labels, per pipeline (config order).
-/// Per pipeline: the model, its labels, and its batched plans (ascending batch size).
-type Loaded = Vec<(Model, Vec<String>, Vec<Model>)>;
+/// One pipeline's loaded, warmed-up model, its labels, and its batched plans (ascending batch
+/// size).
+type LoadedPipeline = (Model, Vec<String>, Vec<Model>);
+/// Per pipeline, in config order.
+type Loaded = Vec<LoadedPipeline>;
 
 /// Opens every file and loads, optimizes and warms up every model. No side effects on the
 /// system: `edgeinfer validate --models` runs this too.
@@ -182,7 +190,64 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
         return Err(AppError::Files { problems });
     }
     let cache = config.system.cache_dir();
-    config.pipelines.iter().map(|pc| load_pipeline(pc, cache.as_deref())).collect()
+    let cache = cache.as_deref();
+    // Pipelines load in parallel, one thread per model file (loading is CPU-bound: parsing,
+    // decluttering, optimizing, warm-up; nothing else runs yet). Pipelines sharing a file load
+    // one after the other in the same thread, so they never write the same cache entry at once.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, pc) in config.pipelines.iter().enumerate() {
+        match groups.iter_mut().find(|g| config.pipelines[g[0]].model == pc.model) {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    if groups.len() <= 1 {
+        return config.pipelines.iter().map(|pc| load_pipeline(pc, cache)).collect();
+    }
+    let mut results: Vec<Option<Result<LoadedPipeline, AppError>>> =
+        (0..config.pipelines.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(groups.len());
+        for group in &groups {
+            let work = move || -> Vec<(usize, Result<LoadedPipeline, AppError>)> {
+                group.iter().map(|&i| (i, load_pipeline(&config.pipelines[i], cache))).collect()
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("ei-load-{}", group[0]))
+                .spawn_scoped(scope, work);
+            match spawned {
+                Ok(h) => handles.push(h),
+                // No thread to be had: load this group here instead.
+                Err(_) => {
+                    for (i, r) in work() {
+                        results[i] = Some(r);
+                    }
+                }
+            }
+        }
+        for h in handles {
+            // A panic in a load thread would abort the process (panic = "abort" in release);
+            // in a debug build it leaves the slots empty and is reported below.
+            if let Ok(done) = h.join() {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+            }
+        }
+    });
+    // Config order, so the first failing pipeline is the one reported.
+    results
+        .into_iter()
+        .zip(&config.pipelines)
+        .map(|(r, pc)| {
+            r.unwrap_or_else(|| {
+                Err(AppError::Mismatch {
+                    pipeline: pc.name.clone(),
+                    message: "its loading thread stopped without a result".into(),
+                })
+            })
+        })
+        .collect()
 }
 
 /// Loads, optimizes and warms up one pipeline's model, its labels and its batched plans (at
@@ -190,7 +255,7 @@ fn load(config: &Config) -> Result<Loaded, AppError> {
 fn load_pipeline(
     pc: &crate::config::PipelineConfig,
     cache: Option<&std::path::Path>,
-) -> Result<(Model, Vec<String>, Vec<Model>), AppError> {
+) -> Result<LoadedPipeline, AppError> {
     {
         let opts = LoadOptions {
             name: pc.name.clone(),
@@ -199,20 +264,24 @@ fn load_pipeline(
             cache_dir: cache.map(std::path::Path::to_path_buf),
             ..LoadOptions::default()
         };
-        let model = Model::load(&pc.model, &opts)
-            .map_err(|source| AppError::Model { pipeline: pc.name.clone(), source })?;
+        // Threads, precision and backend as the pipeline's engine keys ask (app::engine).
+        let model = engine::load(pc, opts)?;
         let warm = model
             .warm_up()
             .map_err(|source| AppError::WarmUp { pipeline: pc.name.clone(), source })?;
         log::info!(
             pipeline = pc.name.as_str(), model = model.name.as_str(), model_version = model.version.as_str();
-            "model {} sha256={} loaded in {:?}{}, optimized in {:?}, warm-up run {:?}",
+            "model {} sha256={} loaded in {:?}{}, optimized in {:?}, warm-up run {:?} ({}; {} {}, {} thread(s))",
             model.path.display(),
             &model.sha256[..12],
             model.load_time,
             if model.from_cache { " (from the model cache)" } else { "" },
             model.optimize_time,
-            warm
+            warm,
+            model.stages.text(),
+            model.backend,
+            model.engine.precision.running,
+            model.threads
         );
         let labels = match pc.postprocess.labels() {
             Some(path) => std::fs::read_to_string(path)
@@ -277,15 +346,19 @@ fn batch_models(
                 (i.name.clone(), shape)
             })
             .collect();
+        // The engine the single-frame plan ended up with (no second decision per batch size).
         let opts = LoadOptions {
             name: single.name.clone(),
             version: Some(single.version.clone()),
             input_shapes,
             cache_dir: cache.map(std::path::Path::to_path_buf),
-            ..LoadOptions::default()
+            threads: single.threads,
+            half: single.half,
+            cuda: single.backend == "cuda",
         };
-        let m = Model::load(&single.path, &opts)
+        let mut m = Model::load(&single.path, &opts)
             .map_err(|source| AppError::Model { pipeline: pc.name.clone(), source })?;
+        m.engine = single.engine.clone();
         if let Some(o) = m.outputs.iter().find(|o| o.shape.first() != Some(&b)) {
             return Err(mismatch(format!(
                 "max_batch = {}: output `{}` has shape {} at batch {b}, without the batch axis first;                  hint: set max_batch = 1 for this model",
@@ -525,5 +598,83 @@ impl App {
         }
         rt.shutdown_timeout(Duration::from_millis(100));
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(case: &str) -> String {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models")
+            .join(case)
+            .join("model.onnx")
+            .display()
+            .to_string()
+    }
+
+    fn config(pipelines: &[(&str, &str)]) -> Config {
+        let text: String = pipelines
+            .iter()
+            .map(|(name, case)| {
+                format!("[pipelines.{name}]\nmodel = {:?}\ninput = \"{name}/+\"\n", fixture(case))
+            })
+            .collect();
+        Config::parse_str(&text, "t.toml", None).expect("config")
+    }
+
+    #[test]
+    fn pipelines_load_in_parallel_and_come_back_in_config_order() {
+        let cfg = config(&[
+            ("a", "sensor_cnn"),
+            ("b", "digits"),
+            ("c", "sensor_cnn"),
+            ("d", "audio_cnn"),
+        ]);
+        let loaded = load(&cfg).expect("load");
+        let inputs: Vec<&str> = loaded.iter().map(|(m, _, _)| m.inputs[0].name.as_str()).collect();
+        assert_eq!(inputs, ["accel", "pixels", "accel", "audio"]);
+        assert_eq!(
+            loaded.iter().map(|(m, _, _)| m.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
+        // The first failing pipeline in config order is the one reported.
+        let cfg = config(&[("ok", "digits"), ("bad", "unsupported_op"), ("also_ok", "audio_cnn")]);
+        match load(&cfg) {
+            Err(AppError::Model { pipeline, .. }) => assert_eq!(pipeline, "bad"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("an unsupported operator must fail the load"),
+        }
+    }
+
+    /// Start-up with two camera-class pipelines, sequential against parallel loading, side by
+    /// side in one run (medians of 5). Run in release:
+    /// `cargo test --release -p edgeinfer --lib parallel_load_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn parallel_load_cost() {
+        let cfg = config(&[("m", "mobilenet"), ("d", "detector_v8")]);
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let (mut seq, mut par) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            for pc in &cfg.pipelines {
+                load_pipeline(pc, None).expect("load");
+            }
+            seq.push(t.elapsed());
+            let t = Instant::now();
+            load(&cfg).expect("load");
+            par.push(t.elapsed());
+        }
+        let (s, p) = (median(seq), median(par));
+        println!(
+            "two pipelines (mobilenet + detector_v8), load + optimize + warm-up: sequential {s:?}, \
+             parallel {p:?}, parallel / sequential = {:.2}",
+            p.as_secs_f64() / s.as_secs_f64()
+        );
     }
 }

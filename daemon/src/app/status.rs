@@ -126,6 +126,10 @@ pub fn online(app: &App) -> Vec<u8> {
                     "optimize_ms": m.optimize_time.as_secs_f64() * 1e3,
                 },
                 "swaps": swaps,
+                // Issue 15: what runs the model (wanted / running / reason when they differ).
+                "backend": m.engine.backend.to_json(),
+                "precision": m.engine.precision.to_json(),
+                "threads": m.threads,
                 "input": p.cfg.input.as_str(),
                 "workers": p.cfg.workers,
                 "queue": {

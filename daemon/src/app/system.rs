@@ -176,9 +176,10 @@ pub fn fit_queues(config: &mut Config, frame_bytes: &[usize], state: &SystemStat
     }
 }
 
-/// Where each worker of each pipeline runs: pinned to one CPU (the pipeline's `cpus` in turn,
+/// Where each worker of each pipeline runs: pinned to its CPUs (the pipeline's `cpus` in turn,
 /// else the inference set round-robin across all pipelines), with the configured scheduling
-/// class, in the inference cgroup leaf when there is one.
+/// class, in the inference cgroup leaf when there is one. A worker with `threads = n > 1` gets
+/// `n` consecutive CPUs of that list (config validation checked that workers x threads fit).
 pub fn placements(config: &Config, state: &SystemState) -> Vec<Vec<Placement>> {
     let sched = match config.system.worker_sched {
         WorkerSchedConfig::Other { nice } => WorkerSched::Other { nice },
@@ -192,17 +193,22 @@ pub fn placements(config: &Config, state: &SystemState) -> Vec<Vec<Placement>> {
         .pipelines
         .iter()
         .map(|p| {
+            let threads = p.engine.threads.max(1);
+            let mut own = 0usize;
             (0..p.workers)
-                .map(|i| {
-                    let cpu = if !p.cpus.is_empty() {
-                        Some(p.cpus[i % p.cpus.len()])
+                .map(|_| {
+                    let cpus = if !p.cpus.is_empty() {
+                        let v = (0..threads).map(|k| p.cpus[(own + k) % p.cpus.len()]).collect();
+                        own += threads;
+                        v
                     } else if !shared.is_empty() {
-                        next += 1;
-                        Some(shared[(next - 1) % shared.len()])
+                        let v = (0..threads).map(|k| shared[(next + k) % shared.len()]).collect();
+                        next += threads;
+                        v
                     } else {
-                        None
+                        Vec::new()
                     };
-                    Placement { cpu, sched, cgroup_leaf: leaf.clone() }
+                    Placement { cpus, sched, cgroup_leaf: leaf.clone() }
                 })
                 .collect()
         })

@@ -8,6 +8,7 @@
 //! The annotated default configuration is `config/edgeinfer.toml` in the repository, embedded here
 //! as [`DEFAULT_CONFIG`] so that `edgeinfer config default` always matches the code.
 
+pub mod engine;
 pub mod events;
 pub mod image;
 mod reader;
@@ -522,6 +523,8 @@ pub struct PipelineConfig {
     /// ...and more than this above it.
     pub probation_latency_floor: Duration,
     pub probation_error_rate: f64,
+    /// How the model runs: intra-op threads, precision, backend (issue 15; `config::engine`).
+    pub engine: engine::EngineConfig,
 }
 
 /// Service-level objectives of one pipeline (see `telemetry::slo`).
@@ -879,6 +882,12 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
     };
 
     let system = system(&mut root, p, base);
+    // CPUs shared by pipelines without their own `cpus` (checked against workers x threads):
+    // system.inference_cpus, else what `sys::cpus::default_split` leaves after the I/O CPU.
+    let inference_cpus = system
+        .inference_cpus
+        .as_ref()
+        .map_or_else(|| allowed_cpus().map_or(1, |a| a.len().saturating_sub(1).max(1)), Vec::len);
 
     let mut pipelines = Vec::new();
     match root.get("pipelines") {
@@ -900,7 +909,9 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
                 }
                 match v.as_table() {
                     Some(pt) => {
-                        if let Some(pl) = pipeline(name, Section::new(key, pt), p, &broker, base) {
+                        if let Some(pl) =
+                            pipeline(name, Section::new(key, pt), p, &broker, base, inference_cpus)
+                        {
                             pipelines.push(pl);
                         }
                     }
@@ -1256,6 +1267,7 @@ fn pipeline(
     p: &mut Problems,
     broker: &BrokerConfig,
     base: &Path,
+    inference_cpus: usize,
 ) -> Option<PipelineConfig> {
     let model = match s.string(p, "model") {
         Some(m) if !m.is_empty() => Some(resolve(base, m)),
@@ -1490,8 +1502,11 @@ fn pipeline(
             c
         }
     };
+    let engine = engine::parse(&mut s, p);
+    engine::check_cpus(&format!("pipelines.{name}"), workers, &engine, &cpus, inference_cpus, p);
     s.finish(p);
     Some(PipelineConfig {
+        engine,
         dedup,
         watch_model,
         golden_tolerance,

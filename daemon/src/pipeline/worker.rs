@@ -1,5 +1,6 @@
 //! Inference worker threads: dedicated OS threads (never tokio tasks), each optionally pinned to
-//! one CPU from inside the thread, each owning its own tract state and output buffers.
+//! its CPUs from inside the thread (one, or `threads` of them for intra-op parallelism), each
+//! owning its own tract state, output buffers and, with `threads > 1`, its own thread pool.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,8 +25,9 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 /// Where one worker thread runs.
 #[derive(Debug, Clone)]
 pub struct Placement {
-    /// CPU it pins itself to (`None`: not pinned).
-    pub cpu: Option<usize>,
+    /// CPUs it pins itself to (empty: not pinned): one, or `threads` for a worker whose
+    /// inference uses several threads (its pool's threads inherit the set).
+    pub cpus: Vec<usize>,
     pub sched: WorkerSched,
     /// Threaded cgroup leaf it moves itself into.
     pub cgroup_leaf: Option<PathBuf>,
@@ -33,7 +35,7 @@ pub struct Placement {
 
 impl Default for Placement {
     fn default() -> Self {
-        Placement { cpu: None, sched: WorkerSched::Other { nice: 0 }, cgroup_leaf: None }
+        Placement { cpus: Vec::new(), sched: WorkerSched::Other { nice: 0 }, cgroup_leaf: None }
     }
 }
 
@@ -62,7 +64,16 @@ pub(super) fn start(
             .name(name.clone())
             .spawn(move || {
                 place_current_thread(&placement, pl.name());
-                let state = match WorkerModel::build(&pl) {
+                // The pool after the placement: its threads inherit this thread's CPUs and
+                // cgroup leaf.
+                let threads = match crate::model::Threads::new(pl.cfg.engine.threads) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("worker {i}: {e}")));
+                        return;
+                    }
+                };
+                let state = match WorkerModel::build(&pl, &threads) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready.send(Err(format!("worker {i}: {e}")));
@@ -71,7 +82,7 @@ pub(super) fn start(
                 };
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                run(&pl, state, &*pb, &pr);
+                run(&pl, state, &threads, &*pb, &pr);
             })
             .map_err(|e| format!("cannot spawn worker thread: {e}"))?;
         handles.push(WorkerHandle { name, thread, progress });
@@ -99,10 +110,14 @@ fn place_current_thread(placement: &Placement, pipeline: &str) {
     {
         log::warn!(pipeline = pipeline; "cannot move worker into {}: {e}", leaf.display());
     }
-    if let Some(cpu) = placement.cpu
-        && let Err(e) = cpus::pin_current_thread(&CpuList::from_slice(&[cpu]))
+    if !placement.cpus.is_empty()
+        && let Err(e) = cpus::pin_current_thread(&CpuList::from_slice(&placement.cpus))
     {
-        log::warn!(pipeline = pipeline; "cannot pin worker to CPU {cpu}: {e}; running unpinned");
+        log::warn!(
+            pipeline = pipeline;
+            "cannot pin worker to CPU(s) {:?}: {e}; running unpinned",
+            placement.cpus
+        );
     }
     if let Err(e) = cpus::set_current_thread_sched(placement.sched) {
         log::warn!(
@@ -128,15 +143,15 @@ struct WorkerModel {
 }
 
 impl WorkerModel {
-    fn build(p: &Pipeline) -> Result<WorkerModel, String> {
+    fn build(p: &Pipeline, threads: &crate::model::Threads) -> Result<WorkerModel, String> {
         // Generation first: a swap racing with this build is seen again at the next frame.
         let generation = p.generation();
         let set = p.models();
-        let single = set.model.session().map_err(|e| e.to_string())?;
+        let single = set.model.session_on(threads).map_err(|e| e.to_string())?;
         let batched = set
             .batched
             .iter()
-            .map(|m| m.session().map_err(|e| e.to_string()))
+            .map(|m| m.session_on(threads).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         let writer = ResultWriter::new(p.cfg.postprocess.clone(), set.labels.clone(), &set.model)?;
         Ok(WorkerModel { generation, single, batched, writer, _set: set })
@@ -144,11 +159,11 @@ impl WorkerModel {
 
     /// Switches to the pipeline's current model set if a swap happened. Between frames only,
     /// so a frame is always served start to finish by one model.
-    fn refresh(&mut self, p: &Pipeline) {
+    fn refresh(&mut self, p: &Pipeline, threads: &crate::model::Threads) {
         if p.generation() == self.generation {
             return;
         }
-        match WorkerModel::build(p) {
+        match WorkerModel::build(p, threads) {
             Ok(next) => *self = next,
             Err(e) => {
                 // The candidate ran its warm-up and golden checks already; a session that cannot
@@ -160,7 +175,13 @@ impl WorkerModel {
     }
 }
 
-fn run(p: &Pipeline, mut m: WorkerModel, publisher: &dyn Publisher, progress: &AtomicU64) {
+fn run(
+    p: &Pipeline,
+    mut m: WorkerModel,
+    threads: &crate::model::Threads,
+    publisher: &dyn Publisher,
+    progress: &AtomicU64,
+) {
     let mut scratch = Scratch {
         payload: Vec::with_capacity(4096),
         topic: String::with_capacity(128),
@@ -169,7 +190,7 @@ fn run(p: &Pipeline, mut m: WorkerModel, publisher: &dyn Publisher, progress: &A
     };
     let mut frames: Vec<Frame> = Vec::with_capacity(p.cfg.max_batch.max(1));
     loop {
-        m.refresh(p);
+        m.refresh(p, threads);
         match p.queue.pop(IDLE_TICK) {
             Pop::Item(frame) => {
                 let limit = p.batch_limit();
