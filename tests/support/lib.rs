@@ -5,7 +5,7 @@
 //! Nothing here fakes a broker or a model. Fault injection (killing the broker, signals) is done
 //! to real processes and is named as such at the call site.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 
 use std::net::{TcpListener, TcpStream};
@@ -51,12 +51,23 @@ macro_rules! assert_eventually {
     };
 }
 
-/// A free TCP port on 127.0.0.1 (mosquitto's `listener 0` would mean a unix socket).
+/// Ports of this process's live brokers. A test that restarts its broker leaves the port free
+/// for a moment; `free_port` must not hand it to another test then, or the restarted broker
+/// cannot bind and the first test's daemon talks to the second test's broker.
+static BROKER_PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A free TCP port on 127.0.0.1 (mosquitto's `listener 0` would mean a unix socket), never one
+/// of this process's brokers.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port: {e}"));
+        if !BROKER_PORTS.lock().unwrap_or_else(|e| e.into_inner()).contains(&port) {
+            return port;
+        }
+    }
 }
 
 fn find_mosquitto() -> Result<PathBuf> {
@@ -105,6 +116,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir()?;
         let mut m =
             Mosquitto { port, dir, child: None, extra: extra.to_string(), persistent: false };
+        BROKER_PORTS.lock().unwrap_or_else(|e| e.into_inner()).insert(port);
         m.spawn()?;
         Ok(m)
     }
@@ -120,6 +132,7 @@ impl Mosquitto {
             extra: String::new(),
             persistent: true,
         };
+        BROKER_PORTS.lock().unwrap_or_else(|e| e.into_inner()).insert(m.port);
         m.spawn()?;
         Ok(m)
     }
@@ -214,6 +227,7 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.kill();
+        BROKER_PORTS.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.port);
     }
 }
 
