@@ -128,10 +128,6 @@ https://github.com/agherzan/meta-raspberrypi.git file://$mirrors/meta-raspberryp
 https://github.com/OE4T/meta-tegra.git file://$mirrors/meta-tegra.git
 https://github.com/sbabic/meta-swupdate.git file://$mirrors/meta-swupdate.git"
 
-offline_conf='
-BB_NO_NETWORK = "1"
-BB_NUMBER_THREADS = "2"
-'
 status=0
 for m in "${machines[@]}"; do
   kasfile="$src/yocto/kas/$m.yml"
@@ -140,9 +136,10 @@ for m in "${machines[@]}"; do
   start=$(date +%s)
   # shellcheck disable=SC2016 # expanded by the kas shell
   if "${as_user[@]}" env KAS_WORK_DIR="$work" KAS_BUILD_DIR="$work/build-$m" KAS_PREMIRRORS="$premirrors" \
-      OFFLINE_CONF="$offline_conf" "$kas" shell "$kasfile" -c '
+      "$kas" shell "$kasfile" -c '
         set -e
-        printf "%s\n" "$OFFLINE_CONF" >> conf/local.conf
+        # (kas passes no environment of ours into this shell: the settings are spelled out.)
+        printf "\nBB_NO_NETWORK = \"1\"\nBB_NUMBER_THREADS = \"2\"\n" >> conf/local.conf
         t0=$(date +%s)
         bitbake -g edgeinfer-image edgeinfer-update
         echo "TIMING graph=$(( $(date +%s) - t0 ))s"' > "$log" 2>&1; then
