@@ -140,6 +140,13 @@ for m in "${machines[@]}"; do
         set -e
         # (kas passes no environment of ours into this shell: the settings are spelled out.)
         printf "\nBB_NO_NETWORK = \"1\"\nBB_NUMBER_THREADS = \"2\"\n" >> conf/local.conf
+        # The sbom-cve-check fragment sets the CVE database recipes to AUTOREV (the newest
+        # databases at build time), which needs the network even to parse: offline they keep
+        # the revisions their recipes pin (their tasks stay in the graph).
+        for r in cvelist nvd; do
+          rev=$(sed -n "s/^SRCREV = \"\(.*\)\"/\1/p" ../layers/openembedded-core/meta/recipes-devtools/sbom-cve-check/sbom-cve-check-update-$r-native_*.bb)
+          [ -z "$rev" ] || printf "SRCREV:pn-sbom-cve-check-update-%s-native:forcevariable = \"%s\"\n" "$r" "$rev" >> conf/local.conf
+        done
         t0=$(date +%s)
         bitbake -g edgeinfer-image edgeinfer-update
         echo "TIMING graph=$(( $(date +%s) - t0 ))s"' > "$log" 2>&1; then

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Tests of the A/B update scripts without a board (part of tools/test.sh; seconds):
 #   1. shellcheck on every shell script of the OTA path and the rehearsal;
-#   2. the device scripts run under dash (what /bin/sh is on the images' minimal shells is
-#      stricter than bash; they all `set -eu`) against STUBS of fw_printenv/fw_setenv,
+#   2. the device scripts run under dash (stricter than bash; they all `set -eu`) against STUBS of
 #      nvbootctrl, efivar, systemctl and meta-tegra's uefi_common.func (image/ota/test/stubs/,
-#      each named STUB in its header): slot on trial, commit, rollback, fallback, interrupted
-#      install, Jetson post-install, SWUpdate configuration;
+#      each named STUB in its header) and the real libubootenv tools (fw_printenv/fw_setenv) on
+#      an environment file in U-Boot's format: slot on trial, commit, rollback, fallback,
+#      interrupted install, Jetson post-install, SWUpdate configuration;
 #   3. the bundles: image/ota/mkswu.sh builds them from both sw-description files with keys from
 #      image/keys/gen-dev-keys.sh and Debian's swupdate checks them (-c): accepted for the right
 #      board, revision and version, refused as a downgrade, for another board or from a signer
@@ -25,7 +25,8 @@ need() {
   local sudo=""; [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
-need shellcheck:shellcheck dash:dash swupdate:swupdate cpio:cpio openssl:openssl zstd:zstd
+need shellcheck:shellcheck dash:dash swupdate:swupdate cpio:cpio openssl:openssl zstd:zstd \
+  fw_setenv:libubootenv-tool mkenvimage:u-boot-tools
 
 fails=0
 ok() { echo "ok: $*"; }
@@ -35,9 +36,10 @@ check() { local what="$1"; shift; if "$@"; then ok "$what"; else fail "$what"; f
 # 1. shellcheck (POSIX sh scripts as sh, the rest as bash).
 sh_scripts=("$ota/edgeinfer-ota" "$ota/swupdate/edgeinfer-swupdate-genconfig" "$ota/rpi/edgeinfer-ota-postinstall.sh"
             "$ota/tegra/edgeinfer-ota-postinstall.sh" "$repo/image/overlay/edgeinfer-grow-data"
-            "$repo/image/ab/initramfs-init" "$here"/stubs/{fw_printenv,fw_setenv,nvbootctrl,systemctl,efivar})
+            "$repo/image/ab/initramfs-init" "$here"/stubs/{nvbootctrl,systemctl,efivar})
 bash_scripts=("$ota/mkswu.sh" "$repo/image/keys/gen-dev-keys.sh" "$repo/image/ab/run.sh" "$repo/image/ab/build-rootfs.sh"
-              "$repo/image/ab/guest/edgeinfer-ab-agent" "$here/run.sh" "$repo/tools/yocto-check.sh")
+              "$repo/image/ab/guest/edgeinfer-ab-agent" "$here/run.sh" "$repo/tools/yocto-check.sh"
+              "$repo/image/hawkbit/pin-images.sh")
 if out=$(shellcheck -s sh -e SC3043 "${sh_scripts[@]}" 2>&1) && out2=$(shellcheck -s bash "${bash_scripts[@]}" 2>&1); then
   ok "shellcheck clean on ${#sh_scripts[@]} sh and ${#bash_scripts[@]} bash scripts ($(shellcheck --version | sed -n 's/^version: //p'))"
 else
@@ -47,7 +49,21 @@ fi
 # 2. The device scripts under dash against stubs.
 t=$(mktemp -d)
 trap 'rm -rf "$t"' EXIT
-export PATH="$here/stubs:$PATH" STUB_ENV="$t/env" STUB_LOG="$t/log" STUB_SLOT=0
+# libubootenv's tools as installed, on $t/uboot.env (meta-raspberrypi's fw_env.config, another
+# path); every environment write is logged to count them.
+mkdir -p "$t/bin"
+printf '%s 0x0000 0x4000\n' "$t/uboot.env" > "$t/fw_env.config"
+cat > "$t/bin/fw_printenv" <<WRAP
+#!/bin/sh
+exec $(command -v fw_printenv) -c $t/fw_env.config "\$@"
+WRAP
+cat > "$t/bin/fw_setenv" <<WRAP
+#!/bin/sh
+if [ "\$1" = -s ]; then echo "fw_setenv -s \$(tr '\\n' ';' < "\$2")" >> "\$STUB_LOG"; else echo "fw_setenv \$*" >> "\$STUB_LOG"; fi
+exec $(command -v fw_setenv) -c $t/fw_env.config "\$@"
+WRAP
+chmod +x "$t/bin/fw_printenv" "$t/bin/fw_setenv"
+export PATH="$t/bin:$here/stubs:$PATH" STUB_LOG="$t/log" STUB_SLOT=0
 export EDGEINFER_OTA_DATA="$t/data/ota" EDGEINFER_OTA_FAMILY_FILE="$t/family" EDGEINFER_OTA_CMDLINE="$t/cmdline"
 export EDGEINFER_OTA_BOOT_ID="$t/boot_id" EDGEINFER_OTA_BIN="$t/edgeinfer-ota" TMPDIR="$t"
 # The scripts as installed: run by dash, whatever their #! line says.
@@ -59,7 +75,10 @@ boot() { # a new boot: $1 = family, $2 = booted slot a|b
   if [[ "$2" == b ]]; then STUB_SLOT=1; else STUB_SLOT=0; fi
   : > "$t/log"
 }
-reset() { rm -rf "$t/data" "$t/log" "$t/env"; : > "$t/env"; : > "$t/log"; }
+# The U-Boot environment as a boot script or SWUpdate left it: NAME=VALUE lines.
+setenv() { printf '%s\n' "$@" > "$t/env.txt"; mkenvimage -s 0x4000 -o "$t/uboot.env" "$t/env.txt"; }
+envhas() { fw_printenv | grep -qx "$1"; }
+reset() { rm -rf "$t/data" "$t/log"; setenv bootlimit=3; : > "$t/log"; }
 has() { grep -q -- "$2" "$1"; }
 
 # U-Boot family: a good update from a to b.
@@ -68,24 +87,25 @@ check "uboot: post-install as SWUpdate runs it (no argument) records slot b on t
 rm -rf "$t/data"
 check "uboot: post-install as a shellscript's preinst phase does nothing" bash -c "dash '$ota/rpi/edgeinfer-ota-postinstall.sh' preinst && [ ! -e '$t/data/ota/pending' ]"
 dash "$ota/rpi/edgeinfer-ota-postinstall.sh" postinst 2>/dev/null
-printf 'edgeinfer_slot=b\nupgrade_available=1\nbootcount=0\nustate=1\n' > "$t/env"   # what SWUpdate's bootenv wrote
+setenv bootlimit=3 edgeinfer_slot=b upgrade_available=1 bootcount=0 ustate=1   # what SWUpdate's bootenv wrote
 check "uboot: the install boot is not on trial" eo not-on-trial
-boot uboot b; echo "bootcount=1" >> "$t/env"
+fw_setenv bootcount 1; boot uboot b   # the boot script counted
 check "uboot: slot b is on trial at the next boot" eo on-trial
 check "uboot: not-on-trial says no (ExecCondition skips swupdate.service)" bash -c "! dash '$ota/edgeinfer-ota' not-on-trial"
 check "uboot: commit succeeds" eo commit
 check "uboot: commit writes the environment once (upgrade_available 0, bootcount 0, ustate 2)" \
-  bash -c "[ \$(grep -c fw_setenv '$t/log') = 1 ] && grep -q 'fw_setenv -s upgrade_available 0;bootcount 0;ustate 2;' '$t/log'"
+  bash -c "[ \$(grep -c fw_setenv '$t/log') = 1 ] && grep -q 'upgrade_available=0;bootcount=0;ustate=2;' '$t/log'"
+check "uboot: ... and libubootenv reads it back" bash -c "fw_printenv | grep -qx upgrade_available=0 && fw_printenv | grep -qx ustate=2 && fw_printenv | grep -qx bootcount=0"
 check "uboot: outcome success on slot b, marker gone" bash -c "grep -qx result=success '$t/data/ota/outcome' && grep -qx slot=b '$t/data/ota/outcome' && [ ! -e '$t/data/ota/pending' ]"
 boot uboot b
 check "uboot: commit on a committed slot writes nothing (no flash wear per boot)" bash -c "dash '$ota/edgeinfer-ota' commit 2>/dev/null && ! grep -q fw_setenv '$t/log'"
 check "uboot: rollback on a committed slot does not reboot" bash -c "dash '$ota/edgeinfer-ota' rollback 2>/dev/null && ! grep -q reboot '$t/log'"
 # A bad update from b to a: trial boots reboot; after U-Boot's fallback, nothing reboots.
 boot uboot b; dash "$ota/rpi/edgeinfer-ota-postinstall.sh" postinst 2>/dev/null
-printf 'edgeinfer_slot=a\nupgrade_available=1\nbootcount=0\nustate=1\n' > "$t/env"
+setenv edgeinfer_slot=a upgrade_available=1 bootcount=0 ustate=1
 boot uboot a
 check "uboot: rollback on the trial slot reboots" bash -c "dash '$ota/edgeinfer-ota' rollback 2>/dev/null && grep -q 'systemctl --no-block reboot' '$t/log'"
-printf 'edgeinfer_slot=b\nupgrade_available=0\nbootcount=0\nustate=3\n' > "$t/env"   # what altbootcmd left
+setenv edgeinfer_slot=b upgrade_available=0 bootcount=0 ustate=3   # what altbootcmd left
 boot uboot b
 check "uboot: after the fallback, rollback does not reboot (no reboot loop on an unhealthy old slot)" \
   bash -c "dash '$ota/edgeinfer-ota' rollback 2>/dev/null && ! grep -q reboot '$t/log'"
@@ -93,7 +113,7 @@ check "uboot: the fallback is recorded as failed for slot a, marker gone" \
   bash -c "grep -qx result=failed '$t/data/ota/outcome' && grep -qx slot=a '$t/data/ota/outcome' && [ ! -e '$t/data/ota/pending' ]"
 # An install cut before SWUpdate switched the environment.
 reset; boot uboot a; dash "$ota/rpi/edgeinfer-ota-postinstall.sh" postinst 2>/dev/null
-printf 'upgrade_available=0\nrecovery_status=in_progress\n' > "$t/env"
+setenv upgrade_available=0 recovery_status=in_progress
 boot uboot a
 check "uboot: an interrupted install is recorded as such and not rebooted for" \
   bash -c "dash '$ota/edgeinfer-ota' commit 2>/dev/null && grep -qx result=interrupted '$t/data/ota/outcome' && ! grep -q reboot '$t/log'"
