@@ -63,6 +63,10 @@ tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer" \
   image/ota/edgeinfer-health-gate-ota.conf:/usr/lib/systemd/system/edgeinfer-health-gate.service.d/ota.conf
 echo "== Yocto crates and licenses includes match Cargo.lock"
 python3 tools/yocto-crates.py --check
+echo "== A/B update scripts: shellcheck, dash against stubs, bundles checked by swupdate (image/ota/test/run.sh)"
+image/ota/test/run.sh
+echo "== Yocto layer: oelint; parse + task-graph assertions where EDGEINFER_YOCTO_MIRRORS has the layers (tools/yocto-check.sh)"
+tools/yocto-check.sh
 echo "== tests (unit + integration against a real mosquitto)"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
 if [[ "${EDGEINFER_SKIP_AARCH64:-0}" != 1 ]]; then
@@ -72,5 +76,9 @@ fi
 if [[ "${EDGEINFER_SKIP_VM:-0}" != 1 ]]; then
   echo "== VM test: real kernel, cgroup v2 and systemd (image/vm/run.sh; EDGEINFER_SKIP_VM=1 skips)"
   image/vm/run.sh "$CARGO_TARGET_DIR/debug/edgeinfer"
+fi
+if [[ "${EDGEINFER_SKIP_AB:-0}" != 1 ]]; then
+  echo "== A/B update rehearsal: U-Boot + SWUpdate in QEMU arm64 (image/ab/run.sh; EDGEINFER_SKIP_AB=1 skips)"
+  image/ab/run.sh "$PWD/dist/edgeinfer-aarch64-unknown-linux-musl"
 fi
 echo "== all tests passed in $(( $(date +%s) - start ))s"

@@ -1,6 +1,7 @@
 # The persistent data partition: "data" on the Pi (image/wic/edgeinfer-rpi-ab.wks.in), the
-# L4T user-data partition "UDA" on Jetson. Created empty by the flash layout, so it is formatted
-# on first boot (x-systemd.makefs) and grown to the medium (x-systemd.growfs).
+# L4T user-data partition "UDA" on Jetson. Formatted on first boot if the flash layout left it
+# empty (x-systemd.makefs); its file system follows the partition's size (x-systemd.growfs): on
+# the Pi, edgeinfer-grow-data.service (edgeinfer-rootfs) first grows the partition to the card.
 # nooelint: oelint.vars.noncoreoverride - "tegra" is meta-tegra's machine family override
 EDGEINFER_DATA_DEVICE ??= "LABEL=data"
 EDGEINFER_DATA_DEVICE:tegra ??= "PARTLABEL=UDA"

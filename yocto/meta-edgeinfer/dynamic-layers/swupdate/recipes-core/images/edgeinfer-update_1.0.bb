@@ -1,7 +1,7 @@
 SUMMARY = "edgeinfer A/B update bundle (SWUpdate .swu, signed)"
 DESCRIPTION = "The root filesystem of edgeinfer-image for the inactive slot (raw ext4 on the \
                Pi, a tarball on Jetson plus the UEFI capsule), a post-install script that puts \
-               the new slot on trial, and a signed sw-description."
+               the new slot on trial, and a CMS-signed sw-description."
 HOMEPAGE = "https://example.invalid/edgeinfer"
 BUGTRACKER = "https://example.invalid/edgeinfer/issues"
 SECTION = "images"
@@ -9,25 +9,40 @@ LICENSE = "MIT"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302"
 
 inherit swupdate
+# L4T_VERSION (the capsule's version in sw-description) comes from meta-tegra's class.
+EDGEINFER_SWU_CLASSES ?= ""
+EDGEINFER_SWU_CLASSES:tegra ?= "l4t_version"
+inherit_defer ${EDGEINFER_SWU_CLASSES}
 
 # nooelint: oelint.vars.fileextrapaths,oelint.vars.outofcontext - files come from the repository's image/ directory
 FILESEXTRAPATHS:prepend := "${EDGEINFER_REPO_DIR}/image/ota/rpi:"
 # nooelint: oelint.vars.fileextrapaths,oelint.vars.outofcontext - files come from the repository's image/ directory
 FILESEXTRAPATHS:prepend:tegra := "${EDGEINFER_REPO_DIR}/image/ota/tegra:"
+# SRC_URI files go into the bundle as they are (swupdate.bbclass), next to SWUPDATE_IMAGES.
 SRC_URI = "file://sw-description \
-           file://postinstall.sh;subdir=scripts"
+           file://edgeinfer-ota-postinstall.sh"
 
+# Values of the @@...@@ placeholders in sw-description (image/ota/mkswu.sh fills the same ones
+# for the QEMU rehearsal, image/ab/run.sh).
 EDGEINFER_IMAGE_VERSION ??= "${DISTRO_VERSION}"
-EDGEINFER_ROOTFS_IMAGE ?= "edgeinfer-image-${MACHINE}.rootfs.ext4.gz"
+EDGEINFER_HW_BOARD ??= "${MACHINE}"
+EDGEINFER_HW_REVISION ??= "1.0"
+EDGEINFER_ROOTFS_IMAGE ?= "edgeinfer-image-${MACHINE}.rootfs.ext4.zst"
 EDGEINFER_ROOTFS_IMAGE:tegra ?= "edgeinfer-image-${MACHINE}.rootfs.tar.gz"
+# Raspberry Pi SD card (image/wic/edgeinfer-rpi-ab.wks.in): root_a, root_b.
+EDGEINFER_SLOT_A_DEVICE ?= "/dev/mmcblk0p2"
+EDGEINFER_SLOT_B_DEVICE ?= "/dev/mmcblk0p3"
+# Jetson: where meta-tegra's boot-efi.mount has the ESP, and the capsule's version (L4T's, as in
+# OE4T tegra-demo-distro's tegra-swupdate.inc).
+EDGEINFER_TEGRA_CAPSULE_PATH ?= "/boot/efi/EFI/UpdateCapsule/TEGRA_BL.Cap"
+EDGEINFER_TEGRA_BOOTLOADER_VERSION ?= "${L4T_VERSION}"
 
 IMAGE_DEPENDS = "edgeinfer-image"
-SWUPDATE_IMAGES = "${EDGEINFER_ROOTFS_IMAGE} edgeinfer-ota-postinstall.sh"
+SWUPDATE_IMAGES = "${EDGEINFER_ROOTFS_IMAGE}"
 SWUPDATE_IMAGES:append:tegra = " tegra-bl.cap"
-do_swuimage[depends] += "${@bb.utils.contains('MACHINEOVERRIDES', 'tegra', 'tegra-uefi-capsules:do_deploy', '', d)}"
 
-do_copy_postinstall() {
-    install -m 0755 ${UNPACKDIR}/scripts/postinstall.sh ${WORKDIR}/edgeinfer-ota-postinstall.sh
-}
-do_copy_postinstall[doc] = "Puts the post-install script where swupdate.bbclass collects SWUPDATE_IMAGES"
-addtask copy_postinstall after do_unpack before do_swuimage
+# The capsule comes from meta-tegra's tegra-uefi-capsules. A machine override on a variable
+# (not bb.utils.contains on MACHINEOVERRIDES, which is colon-separated) adds the dependency.
+EDGEINFER_SWU_DEPENDS ?= ""
+EDGEINFER_SWU_DEPENDS:tegra ?= "tegra-uefi-capsules:do_deploy"
+do_swuimage[depends] += "${EDGEINFER_SWU_DEPENDS}"

@@ -1,7 +1,8 @@
 SUMMARY = "A/B update glue for edgeinfer appliances: SWUpdate configuration and slot commit"
 DESCRIPTION = "Commits the booted slot after boot-complete.target (which requires edgeinfer's \
-               health gate), falls back when an update is unhealthy, and configures SWUpdate \
-               (slot selection, hawkBit, signature key) per machine family."
+               health gate), falls back when an update is unhealthy, records outcomes on /data, \
+               and configures SWUpdate (slot selection, downgrade floor, CMS trust anchors, \
+               hardware revision, hawkBit) per machine family."
 HOMEPAGE = "https://example.invalid/edgeinfer"
 BUGTRACKER = "https://example.invalid/edgeinfer/issues"
 SECTION = "admin"
@@ -18,16 +19,26 @@ SRC_URI = "file://edgeinfer-ota \
            file://swupdate/edgeinfer-swupdate-genconfig \
            file://swupdate/10-edgeinfer \
            file://swupdate/swupdate-edgeinfer.conf"
+SRC_URI:append:tegra = " \
+    file://tegra/swupdate-edgeinfer-tegra.conf \
+    file://tegra/nv-update-verifier-edgeinfer.conf \
+"
 
 S = "${UNPACKDIR}"
 
 inherit systemd
 
-# How slots are switched and committed: U-Boot environment on the Pi, UEFI + nvbootctrl on Jetson.
+# How slots are switched and committed: U-Boot environment on the Pi, UEFI capsule + nvbootctrl
+# on Jetson.
 EDGEINFER_OTA_FAMILY ??= "uboot"
 EDGEINFER_OTA_FAMILY:tegra ??= "tegra"
-# The public half of the bundle signing key (image/keys/gen-dev-keys.sh for development).
-SWUPDATE_PUBLIC_KEY ??= ""
+# /etc/hwrevision: SWUpdate refuses a bundle whose sw-description has no entry for this board and
+# revision (the edgeinfer-update recipe writes the same two values into it).
+EDGEINFER_HW_BOARD ??= "${MACHINE}"
+EDGEINFER_HW_REVISION ??= "1.0"
+# The CA certificates bundles must chain to (CMS signatures; image/keys/gen-dev-keys.sh makes a
+# development CA). Several files may be listed: that is how the signing key is rotated.
+SWUPDATE_CA_CERTS ??= ""
 
 SYSTEMD_SERVICE:${PN} = "edgeinfer-ota-commit.service"
 
@@ -46,14 +57,28 @@ do_install() {
     install -m 0644 ${S}/swupdate/10-edgeinfer ${D}${nonarch_libdir}/swupdate/conf.d/
     install -m 0644 ${S}/swupdate/swupdate.cfg.in ${D}${datadir}/swupdate/
     echo "${EDGEINFER_OTA_FAMILY}" > ${D}${sysconfdir}/edgeinfer-ota/family
-    if [ -n "${SWUPDATE_PUBLIC_KEY}" ] && [ -e "${SWUPDATE_PUBLIC_KEY}" ]; then
-        install -m 0644 ${SWUPDATE_PUBLIC_KEY} ${D}${datadir}/swupdate/swupdate.pem
-    else
-        bbwarn "SWUPDATE_PUBLIC_KEY unset or missing: the image will refuse every bundle (run image/keys/gen-dev-keys.sh)"
-    fi
+    echo "${EDGEINFER_HW_BOARD} ${EDGEINFER_HW_REVISION}" > ${D}${sysconfdir}/hwrevision
+    : > ${D}${datadir}/swupdate/swupdate-ca.pem
+    for ca in ${SWUPDATE_CA_CERTS}; do
+        [ -e "$ca" ] || bbfatal "SWUPDATE_CA_CERTS: $ca does not exist (image/keys/gen-dev-keys.sh makes a development CA)"
+        cat "$ca" >> ${D}${datadir}/swupdate/swupdate-ca.pem
+    done
+    [ -s ${D}${datadir}/swupdate/swupdate-ca.pem ] || \
+        bbwarn "SWUPDATE_CA_CERTS is empty: the image will refuse every bundle (run image/keys/gen-dev-keys.sh)"
+}
+
+do_install:append:tegra() {
+    install -m 0644 ${S}/tegra/swupdate-edgeinfer-tegra.conf ${D}${systemd_system_unitdir}/swupdate.service.d/edgeinfer-tegra.conf
+    install -d ${D}${systemd_system_unitdir}/nv_update_verifier.service.d
+    install -m 0644 ${S}/tegra/nv-update-verifier-edgeinfer.conf \
+        ${D}${systemd_system_unitdir}/nv_update_verifier.service.d/edgeinfer.conf
 }
 
 PACKAGE_ARCH = "${MACHINE_ARCH}"
 FILES:${PN} += "${systemd_system_unitdir} ${nonarch_libdir}/swupdate ${datadir}/swupdate"
-RDEPENDS:${PN} = "swupdate"
+CONFFILES:${PN} = "${sysconfdir}/hwrevision"
+RDEPENDS:${PN} = "swupdate swupdate-client"
 RDEPENDS:${PN}:append:rpi = " libubootenv-bin"
+# nvbootctrl (tegra-redundant-boot-base) and uefi_common.func / the ESP mount
+# (setup-nv-boot-control), which the post-install script and the commit use.
+RDEPENDS:${PN}:append:tegra = " tegra-redundant-boot tegra-redundant-boot-base setup-nv-boot-control setup-nv-boot-control-service"
