@@ -16,6 +16,30 @@ quick=0
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgeinfer/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# Time per stage, printed as each one ends and again at exit (also when a stage fails), so a slow
+# CI run shows where its time went.
+stage_times=()
+stage_name=""
+stage_start=0
+stage() {
+  local now
+  now=$(date +%s)
+  if [[ -n "$stage_name" ]]; then
+    stage_times+=("$(printf '%6ss  %s' "$((now - stage_start))" "$stage_name")")
+  fi
+  stage_name="$1"
+  stage_start=$now
+  if [[ -n "$1" ]]; then
+    echo "== $1"
+  fi
+}
+stage_report() {
+  stage ""
+  echo "== time per stage"
+  printf '%s\n' "${stage_times[@]}"
+}
+trap stage_report EXIT
+
 need_pkg() {
   local bin="$1" pkg="$2"
   if ! command -v "$bin" >/dev/null 2>&1 && [[ ! -x "/usr/sbin/$bin" ]]; then
@@ -26,6 +50,7 @@ need_pkg() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
   fi
 }
+stage "install what the tests need (Debian packages)"
 need_pkg mosquitto mosquitto
 # promtool (from Debian's prometheus package) is the reference checker of the metrics endpoint's
 # exposition format; the integration test also parses it with a Rust parser.
@@ -41,44 +66,45 @@ done
 
 start=$(date +%s)
 if [[ $quick -eq 0 ]]; then
-  echo "== cargo fmt --check"
+  stage "cargo fmt --check"
   cargo fmt --all -- --check
   # Every clippy pass includes the `cuda` feature (tract-cuda: checked, not linked, no GPU
   # needed), so all passes share one feature set for tract and tract is checked once; the
   # feature-off paths are compiled by the test build below.
-  echo "== cargo clippy (all targets, with the CUDA backend, -D warnings)"
+  stage "cargo clippy (all targets, with the CUDA backend, -D warnings)"
   cargo clippy --workspace --all-targets --locked --features edgeinfer/cuda -- -D warnings
-  echo "== cargo clippy (device build: no demo broker; and with the test-only fault hooks)"
+  stage "cargo clippy (device build: no demo broker; and with the test-only fault hooks)"
   cargo clippy -p edgeinfer --no-default-features --features multithread,mimalloc,cuda \
     --all-targets --locked -- -D warnings
   cargo clippy -p edgeinfer --features fault-hooks,cuda --all-targets --locked -- -D warnings
 fi
-echo "== build the daemon binary used by the integration tests (with the test-only fault hooks)"
+stage "build the daemon binary used by the integration tests (with the test-only fault hooks)"
 cargo build -p edgeinfer --bins --locked --features fault-hooks
 cargo build -p edgeinfer-ota --locked
-echo "== systemd unit, sysusers and tmpfiles files"
+stage "systemd unit, sysusers and tmpfiles files"
 tools/check-units.sh "$CARGO_TARGET_DIR/debug/edgeinfer" \
   image/ota/edgeinfer-ota-commit.service image/ota/edgeinfer-ota-rollback.service \
   image/ota/edgeinfer-ota:/usr/libexec/edgeinfer-ota/edgeinfer-ota \
   image/ota/edgeinfer-health-gate-ota.conf:/usr/lib/systemd/system/edgeinfer-health-gate.service.d/ota.conf
-echo "== Yocto crates and licenses includes match Cargo.lock"
+stage "Yocto crates and licenses includes match Cargo.lock"
 python3 tools/yocto-crates.py --check
-echo "== A/B update scripts: shellcheck, dash against stubs, bundles checked by swupdate (image/ota/test/run.sh)"
+stage "A/B update scripts: shellcheck, dash against stubs, bundles checked by swupdate (image/ota/test/run.sh)"
 image/ota/test/run.sh
-echo "== Yocto layer: oelint; parse + task-graph assertions where EDGEINFER_YOCTO_MIRRORS has the layers (tools/yocto-check.sh)"
+stage "Yocto layer: oelint; parse + task-graph assertions where EDGEINFER_YOCTO_MIRRORS has the layers (tools/yocto-check.sh)"
 tools/yocto-check.sh
-echo "== tests (unit + integration against a real mosquitto)"
+stage "tests (unit + integration against a real mosquitto)"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
 if [[ "${EDGEINFER_SKIP_AARCH64:-0}" != 1 ]]; then
-  echo "== static aarch64 build, end to end under qemu-aarch64-static (EDGEINFER_SKIP_AARCH64=1 skips)"
+  stage "static aarch64 build, end to end under qemu-aarch64-static (EDGEINFER_SKIP_AARCH64=1 skips)"
   tools/test-aarch64.sh
 fi
 if [[ "${EDGEINFER_SKIP_VM:-0}" != 1 ]]; then
-  echo "== VM test: real kernel, cgroup v2 and systemd (image/vm/run.sh; EDGEINFER_SKIP_VM=1 skips)"
+  stage "VM test: real kernel, cgroup v2 and systemd (image/vm/run.sh; EDGEINFER_SKIP_VM=1 skips)"
   image/vm/run.sh "$CARGO_TARGET_DIR/debug/edgeinfer"
 fi
 if [[ "${EDGEINFER_SKIP_AB:-0}" != 1 ]]; then
-  echo "== A/B update rehearsal: U-Boot + SWUpdate in QEMU arm64 (image/ab/run.sh; EDGEINFER_SKIP_AB=1 skips)"
+  stage "A/B update rehearsal: U-Boot + SWUpdate in QEMU arm64 (image/ab/run.sh; EDGEINFER_SKIP_AB=1 skips)"
   image/ab/run.sh "$PWD/dist/edgeinfer-aarch64-unknown-linux-musl"
 fi
+stage ""
 echo "== all tests passed in $(( $(date +%s) - start ))s"

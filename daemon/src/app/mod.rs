@@ -7,10 +7,14 @@
 //! SIGTERM/SIGINT.
 
 mod control;
+mod delivery;
 pub mod engine;
+mod link;
 pub mod metrics_http;
 mod reload;
+mod routing;
 mod serve;
+mod serving;
 mod status;
 pub mod system;
 
@@ -468,6 +472,26 @@ pub fn start(mut config: Config) -> Result<App, AppError> {
     })
 }
 
+#[cfg(test)]
+impl App {
+    /// An App for handler tests: models loaded and pipelines built as `start` does, without
+    /// the process-wide steps (user check, cgroup, CPU pinning, privileges).
+    pub(super) fn for_tests(config: Config) -> Arc<App> {
+        let loaded = load(&config).expect("models load");
+        let pipelines = build_pipelines(&config, loaded).expect("pipelines");
+        Arc::new(App {
+            config,
+            pipelines,
+            transport: TransportStats::default(),
+            system: SystemState::default(),
+            spool: std::sync::OnceLock::new(),
+            placements: Vec::new(),
+            started: Instant::now(),
+            started_us: 0,
+        })
+    }
+}
+
 impl App {
     /// Connects to the broker and serves until stopped. Returns after a clean shutdown.
     pub fn serve(self, stop: StopHandle) -> Result<(), AppError> {
@@ -477,50 +501,11 @@ impl App {
             log::warn!("NOTIFY_SOCKET is set but unusable ({e}); not notifying systemd");
             Notifier::disabled()
         });
-        // 7. Runtime for I/O only (inference never runs on it): one named thread, inheriting the
-        //    I/O affinity, moved into the `io` cgroup leaf with the main thread.
-        let io_leaf = app.system.layout.as_ref().map(|l| l.io.clone());
-        if let Some(leaf) = &io_leaf
-            && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
-        {
-            log::warn!("cannot move the main thread into {}: {e}", leaf.display());
-        }
-        let leaf = io_leaf.clone();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("edgeinfer-io")
-            .on_thread_start(move || {
-                if let Some(leaf) = &leaf
-                    && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
-                {
-                    log::warn!("cannot move an I/O thread into {}: {e}", leaf.display());
-                }
-            })
-            .enable_all()
-            .build()
-            .map_err(AppError::Runtime)?;
+        // 7. Runtime for I/O only (inference never runs on it).
+        let rt = io_runtime(&app)?;
 
-        // 8. Metrics endpoint (optional): Prometheus text on GET /metrics. A port that cannot be
-        //    bound is logged and the daemon serves without it: inference matters more than a
-        //    scrape target.
-        let (metrics_stop, metrics_stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(addr) = app.config.metrics.listen {
-            if let Some(warning) = metrics_http::check_bind_address(&addr) {
-                log::warn!("{warning}");
-            }
-            match rt.block_on(tokio::net::TcpListener::bind(addr)) {
-                Ok(listener) => {
-                    log::info!("Prometheus metrics on http://{addr}/metrics");
-                    let a = Arc::clone(&app);
-                    let render: metrics_http::Render = Arc::new(move || status::prometheus(&a));
-                    rt.spawn(metrics_http::serve(listener, render, metrics_stop_rx));
-                }
-                Err(e) => log::error!(
-                    "cannot listen on metrics.listen = {addr}: {e}; serving without the metrics endpoint \
-                     (hint: pick a free port, or remove the key)"
-                ),
-            }
-        }
+        // 8. Metrics endpoint (optional).
+        let metrics_stop = start_metrics_endpoint(&app, &rt);
 
         // 9. MQTT client with the Last Will that marks us offline if the connection dies.
         let will = (
@@ -542,21 +527,7 @@ impl App {
         let direct: Arc<dyn Publisher> =
             Arc::new(MqttPublisher::new(client.clone(), Duration::from_secs(5)));
         // Results produced while the broker is unreachable go to the on-disk spool.
-        let mut spool_thread = None;
-        let publisher: Arc<dyn Publisher> = match open_spool(&app.config) {
-            Some(spool) => match spool.start(Arc::clone(&direct)) {
-                Ok(t) => {
-                    spool_thread = Some(t);
-                    let _ = app.spool.set(Arc::clone(&spool));
-                    Arc::new(SpoolingPublisher::new(direct, spool))
-                }
-                Err(e) => {
-                    log::error!("cannot start the spool thread ({e}); results wait in memory only");
-                    direct
-                }
-            },
-            None => direct,
-        };
+        let (publisher, spool_thread) = spooling(&app, direct);
 
         // 10. Inference workers: each pins itself, sets its scheduling class, joins the
         //    inference cgroup leaf and builds its own session.
@@ -598,6 +569,79 @@ impl App {
         }
         rt.shutdown_timeout(Duration::from_millis(100));
         result
+    }
+}
+
+/// The runtime for I/O only (inference never runs on it): one named thread, inheriting the I/O
+/// affinity, moved into the `io` cgroup leaf with the main thread.
+fn io_runtime(app: &App) -> Result<tokio::runtime::Runtime, AppError> {
+    let io_leaf = app.system.layout.as_ref().map(|l| l.io.clone());
+    if let Some(leaf) = &io_leaf
+        && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
+    {
+        log::warn!("cannot move the main thread into {}: {e}", leaf.display());
+    }
+    let leaf = io_leaf;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("edgeinfer-io")
+        .on_thread_start(move || {
+            if let Some(leaf) = &leaf
+                && let Err(e) = cgroup::move_thread(leaf, crate::sys::gettid())
+            {
+                log::warn!("cannot move an I/O thread into {}: {e}", leaf.display());
+            }
+        })
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)
+}
+
+/// The Prometheus endpoint on `metrics.listen`, if configured: text on GET /metrics. A port that
+/// cannot be bound is logged and the daemon serves without it (inference matters more than a
+/// scrape target). Sending `true` on the returned channel stops it.
+fn start_metrics_endpoint(
+    app: &Arc<App>,
+    rt: &tokio::runtime::Runtime,
+) -> tokio::sync::watch::Sender<bool> {
+    let (metrics_stop, metrics_stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = app.config.metrics.listen {
+        if let Some(warning) = metrics_http::check_bind_address(&addr) {
+            log::warn!("{warning}");
+        }
+        match rt.block_on(tokio::net::TcpListener::bind(addr)) {
+            Ok(listener) => {
+                log::info!("Prometheus metrics on http://{addr}/metrics");
+                let a = Arc::clone(app);
+                let render: metrics_http::Render = Arc::new(move || status::prometheus(&a));
+                rt.spawn(metrics_http::serve(listener, render, metrics_stop_rx));
+            }
+            Err(e) => log::error!(
+                "cannot listen on metrics.listen = {addr}: {e}; serving without the metrics endpoint \
+                 (hint: pick a free port, or remove the key)"
+            ),
+        }
+    }
+    metrics_stop
+}
+
+/// Puts the on-disk spool (`[spool]`) in front of the direct publisher, with its thread.
+fn spooling(
+    app: &App,
+    direct: Arc<dyn Publisher>,
+) -> (Arc<dyn Publisher>, Option<std::thread::JoinHandle<()>>) {
+    match open_spool(&app.config) {
+        Some(spool) => match spool.start(Arc::clone(&direct)) {
+            Ok(t) => {
+                let _ = app.spool.set(Arc::clone(&spool));
+                (Arc::new(SpoolingPublisher::new(direct, spool)), Some(t))
+            }
+            Err(e) => {
+                log::error!("cannot start the spool thread ({e}); results wait in memory only");
+                (direct, None)
+            }
+        },
+        None => (direct, None),
     }
 }
 

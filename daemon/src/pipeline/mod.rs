@@ -18,6 +18,8 @@ pub mod output;
 pub mod overload;
 pub mod preprocess;
 pub mod queue;
+#[cfg(test)]
+pub(crate) mod recorder;
 pub mod swap;
 pub mod window;
 mod worker;

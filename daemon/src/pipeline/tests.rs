@@ -2,9 +2,9 @@
 //! for the MQTT client; the broker paths are covered by the integration tests).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
+use super::recorder::Recorder;
 use super::*;
 use crate::config::Config;
 use crate::model::LoadOptions;
@@ -13,35 +13,6 @@ use crate::topic::TopicFilter;
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(rel)
-}
-
-/// Records everything published, in order.
-#[derive(Default)]
-struct Recorder {
-    msgs: Mutex<Vec<(String, Vec<u8>)>>,
-}
-
-impl Recorder {
-    fn take(&self) -> Vec<(String, serde_json::Value)> {
-        let mut g = self.msgs.lock().expect("lock");
-        g.drain(..).map(|(t, p)| (t, serde_json::from_slice(&p).expect("json"))).collect()
-    }
-}
-
-impl Publisher for Recorder {
-    fn publish(&self, topic: &str, payload: &[u8], _: Qos, _: bool) -> Result<(), PublishError> {
-        self.msgs.lock().expect("lock").push((topic.to_string(), payload.to_vec()));
-        Ok(())
-    }
-    fn try_publish(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        q: Qos,
-        r: bool,
-    ) -> Result<(), PublishError> {
-        self.publish(topic, &payload, q, r)
-    }
 }
 
 fn pipeline(extra: &str) -> Arc<Pipeline> {
