@@ -78,6 +78,8 @@ if [[ $quick -eq 0 ]]; then
     --all-targets --locked -- -D warnings
   cargo clippy -p edgeinfer --features fault-hooks,cuda --all-targets --locked -- -D warnings
 fi
+stage "module graph: no import cycles among daemon modules (tools/check-modules.py)"
+python3 tools/check-modules.py
 stage "build the daemon binary used by the integration tests (with the test-only fault hooks)"
 cargo build -p edgeinfer --bins --locked --features fault-hooks
 cargo build -p edgeinfer-ota --locked

@@ -12,12 +12,7 @@ use crate::app::{self, AppError, StopHandle};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, units};
 use crate::model::{LoadOptions, Model};
 
-/// sysexits: command line usage error.
-pub const EX_USAGE: u8 = 64;
-/// sysexits: configuration error.
-pub const EX_CONFIG: u8 = 78;
-/// Runtime failure.
-pub const EX_FAILURE: u8 = 1;
+pub use crate::exit::{EX_CONFIG, EX_FAILURE, EX_USAGE, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -175,16 +170,6 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         ),
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(&args),
-    }
-}
-
-/// Prints an error with its source chain on one line each (Display, never Debug).
-pub fn report(e: &dyn std::error::Error) {
-    eprintln!("error: {e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        eprintln!("  caused by: {s}");
-        src = s.source();
     }
 }
 

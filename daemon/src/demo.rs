@@ -18,8 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::app::{self, StopHandle};
-use crate::cli::{EX_FAILURE, parse_duration_arg, report};
 use crate::config::Config;
+use crate::config::units::parse_duration;
+use crate::exit::{EX_FAILURE, report};
 
 const MODEL: &[u8] = include_bytes!("../assets/demo/digits.onnx");
 const LABELS: &str = include_str!("../assets/demo/labels.txt");
@@ -30,7 +31,7 @@ const PIXELS: usize = 64;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// How long the sensors publish.
-    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Simulated sensor devices.
     #[arg(long, default_value_t = 4)]

@@ -16,8 +16,13 @@ use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+pub mod cache;
 mod describe;
 mod profile;
+mod spec;
+
+use spec::dims_to_string;
+pub use spec::{DType, Dim, Parsed, TensorSpec};
 
 pub use describe::{Declared, DeclaredTensor, describe};
 pub use profile::{NodeTime, OpTime, Profile};
@@ -61,171 +66,6 @@ pub enum ModelError {
     Run { detail: String },
 }
 
-/// Element types edgeinfer moves across the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F16,
-    F32,
-    F64,
-    I8,
-    I16,
-    I32,
-    I64,
-    U8,
-    U16,
-    U32,
-    U64,
-    Bool,
-}
-
-impl DType {
-    /// Every element type, in declaration order.
-    pub const ALL: [DType; 12] = [
-        DType::F16,
-        DType::F32,
-        DType::F64,
-        DType::I8,
-        DType::I16,
-        DType::I32,
-        DType::I64,
-        DType::U8,
-        DType::U16,
-        DType::U32,
-        DType::U64,
-        DType::Bool,
-    ];
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::I8 | DType::U8 | DType::Bool => 1,
-            DType::F16 | DType::I16 | DType::U16 => 2,
-            DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::F64 | DType::I64 | DType::U64 => 8,
-        }
-    }
-
-    /// Short name used in config, meta files and messages (`f32`, `i64`, ...).
-    /// The inverse of [`DType::name`].
-    pub fn from_name(name: &str) -> Option<DType> {
-        DType::ALL.into_iter().find(|d| d.name() == name)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F16 => "f16",
-            DType::F32 => "f32",
-            DType::F64 => "f64",
-            DType::I8 => "i8",
-            DType::I16 => "i16",
-            DType::I32 => "i32",
-            DType::I64 => "i64",
-            DType::U8 => "u8",
-            DType::U16 => "u16",
-            DType::U32 => "u32",
-            DType::U64 => "u64",
-            DType::Bool => "bool",
-        }
-    }
-
-    pub fn is_float(self) -> bool {
-        matches!(self, DType::F16 | DType::F32 | DType::F64)
-    }
-
-    fn from_tract(dt: DatumType) -> Option<DType> {
-        Some(match dt {
-            DatumType::F16 => DType::F16,
-            DatumType::F32 => DType::F32,
-            DatumType::F64 => DType::F64,
-            DatumType::I8 => DType::I8,
-            DatumType::I16 => DType::I16,
-            DatumType::I32 => DType::I32,
-            DatumType::I64 => DType::I64,
-            DatumType::U8 => DType::U8,
-            DatumType::U16 => DType::U16,
-            DatumType::U32 => DType::U32,
-            DatumType::U64 => DType::U64,
-            DatumType::Bool => DType::Bool,
-            _ => return None,
-        })
-    }
-
-    fn to_tract(self) -> DatumType {
-        match self {
-            DType::F16 => DatumType::F16,
-            DType::F32 => DatumType::F32,
-            DType::F64 => DatumType::F64,
-            DType::I8 => DatumType::I8,
-            DType::I16 => DatumType::I16,
-            DType::I32 => DatumType::I32,
-            DType::I64 => DatumType::I64,
-            DType::U8 => DatumType::U8,
-            DType::U16 => DatumType::U16,
-            DType::U32 => DatumType::U32,
-            DType::U64 => DatumType::U64,
-            DType::Bool => DatumType::Bool,
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// One dimension as stored in the ONNX file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Dim {
-    Fixed(usize),
-    Symbol(String),
-    Unknown,
-}
-
-impl fmt::Display for Dim {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Dim::Fixed(n) => write!(f, "{n}"),
-            Dim::Symbol(s) => f.write_str(s),
-            Dim::Unknown => f.write_str("?"),
-        }
-    }
-}
-
-fn dims_to_string(d: &[Dim]) -> String {
-    let parts: Vec<String> = d.iter().map(ToString::to_string).collect();
-    format!("[{}]", parts.join(", "))
-}
-
-/// A model input or output with its concrete shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    /// The shape as stored in the file (may contain symbols), for `inspect`.
-    pub declared: Vec<Dim>,
-}
-
-impl TensorSpec {
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Size of the tensor in bytes.
-    pub fn byte_len(&self) -> usize {
-        self.len() * self.dtype.size()
-    }
-
-    pub fn shape_string(&self) -> String {
-        format!("{:?}", self.shape)
-    }
-}
-
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -245,7 +85,7 @@ pub struct LoadOptions {
     pub half: bool,
     /// Build the plan for tract-cuda (feature `cuda`) instead of the CPU.
     pub cuda: bool,
-    /// Directory of the optimized-model cache (`None`: no cache). See `model_cache`.
+    /// Directory of the optimized-model cache (`None`: no cache). See `model::cache`.
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -364,15 +204,6 @@ pub struct EngineReport {
     pub precision: Choice,
 }
 
-/// What parsing the ONNX file produced besides the graph (also what the cache stores).
-pub struct Parsed {
-    pub inputs: Vec<TensorSpec>,
-    pub output_names: Vec<String>,
-    pub onnx_version: i64,
-    pub onnx_nodes: usize,
-    pub op_histogram: BTreeMap<String, usize>,
-}
-
 impl fmt::Debug for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Model")
@@ -400,15 +231,13 @@ impl Model {
         let sha256 = crate::sys::fsutil::hex(&Sha256::digest(&bytes));
         stages.mark("hash");
         // Fast start: a cached decluttered graph skips parsing, type inference and decluttering.
-        let cache_key = opts
-            .cache_dir
-            .as_ref()
-            .map(|_| crate::model_cache::key(&sha256, &opts.input_shapes, opts.half));
+        let cache_key =
+            opts.cache_dir.as_ref().map(|_| cache::key(&sha256, &opts.input_shapes, opts.half));
         if let (Some(dir), Some(key)) = (&opts.cache_dir, &cache_key) {
-            match crate::model_cache::load(dir, key) {
+            match cache::load(dir, key) {
                 Ok(Some((typed, meta))) => {
                     let inputs: Option<Vec<TensorSpec>> =
-                        meta.inputs.iter().map(crate::model_cache::SpecMeta::to_spec).collect();
+                        meta.inputs.iter().map(cache::SpecMeta::to_spec).collect();
                     if let Some(inputs) = inputs {
                         let parsed = Parsed {
                             inputs,
@@ -539,8 +368,8 @@ impl Model {
         }
         let parsed = Parsed { inputs, output_names, onnx_version, onnx_nodes, op_histogram };
         if let (Some(dir), Some(key)) = (&opts.cache_dir, &cache_key) {
-            let meta = crate::model_cache::Meta::of(&parsed);
-            match crate::model_cache::store(dir, key, &typed, &meta) {
+            let meta = cache::Meta::of(&parsed);
+            match cache::store(dir, key, &typed, &meta) {
                 Ok(()) => log::debug!("model {} cached in {}", path.display(), dir.display()),
                 Err(e) => log::warn!(
                     "cannot cache the decluttered model in {} ({e}); the next start parses the ONNX file again",

@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{BrokerConfig, MAX_PAYLOAD_LIMIT, Qos};
-use crate::pipeline::{PublishError, Publisher};
+use crate::publish::{PublishError, Publisher};
 
 /// Errors preparing the MQTT connection (the connection itself retries forever).
 #[derive(Debug, thiserror::Error)]

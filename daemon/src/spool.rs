@@ -27,8 +27,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::Qos;
-use crate::pipeline::{PublishError, Publisher};
+use crate::config::{Qos, SpoolConfig};
+use crate::publish::{PublishError, Publisher};
 use crate::sys::fsutil;
 
 const MAGIC: &[u8; 8] = b"EISPOOL1";
@@ -41,22 +41,6 @@ const SEAL_BYTES: u64 = 256 << 10;
 /// Sequence numbers of new segments start here, leaving room below for records preserved at
 /// shutdown (which are older than anything spooled).
 const FIRST_SEQ: u64 = 1 << 40;
-
-/// `[spool]` settings.
-#[derive(Debug, Clone)]
-pub struct SpoolConfig {
-    pub enabled: bool,
-    /// Disk space the spool may use; the oldest results are evicted beyond it.
-    pub max_size: u64,
-    /// Longest time a spooled result stays in memory before it is written to disk.
-    pub commit_interval: Duration,
-}
-
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        Self { enabled: true, max_size: 64 << 20, commit_interval: Duration::from_millis(200) }
-    }
-}
 
 /// Counters and gauges, for health and metrics.
 #[derive(Debug, Default)]

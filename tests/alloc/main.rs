@@ -17,7 +17,8 @@ use edgeinfer::config::{Config, Qos};
 use edgeinfer::model::{LoadOptions, Model};
 use edgeinfer::pipeline::output::ResultWriter;
 use edgeinfer::pipeline::queue::Pop;
-use edgeinfer::pipeline::{Pipeline, PublishError, Publisher, Scratch};
+use edgeinfer::pipeline::{Pipeline, Scratch};
+use edgeinfer::publish::{PublishError, Publisher};
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);

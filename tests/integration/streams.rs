@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeinfer::model::DType;
-use edgeinfer::pipeline::cbor::{typed_array_tag, write as w};
-use edgeinfer::pipeline::envelope::{self, Meta};
+use edgeinfer::pipeline::decode::cbor::{typed_array_tag, write as w};
+use edgeinfer::pipeline::decode::envelope::{self, Meta};
 use edgeinfer_tests::{Fixture, MqttClient, fixtures, start_daemon, tolerance, wait_health};
 use rumqttc::QoS;
 use serde_json::Value;

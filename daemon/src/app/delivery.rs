@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{App, reload};
 use crate::config::Qos;
 use crate::ota;
-use crate::pipeline::Publisher;
+use crate::publish::Publisher;
 
 /// What handling an OTA message needs from the serving loop.
 pub(super) struct OtaCtx<'a> {

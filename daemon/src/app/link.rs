@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::App;
 use crate::config::Qos;
-use crate::pipeline::Publisher;
+use crate::publish::Publisher;
 
 /// Connection bookkeeping for backoff and log levels.
 pub(super) struct Link {

@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 
 use super::App;
 use crate::mqtt;
-use crate::pipeline::Publisher;
+use crate::publish::Publisher;
 use crate::topic::Captures;
 
 /// A message on a topic longer than `broker.max_topic_length`: rejected (`topic_too_long`) by

@@ -17,7 +17,8 @@ use tokio::time::{Instant, MissedTickBehavior, interval, interval_at, sleep_unti
 
 use super::serving::{Flow, Serving};
 use super::{App, AppError, StopHandle, control, reload};
-use crate::pipeline::{Publisher, WorkerHandle};
+use crate::pipeline::WorkerHandle;
+use crate::publish::Publisher;
 use crate::sys::notify::Notifier;
 
 pub(super) async fn serve(

@@ -22,8 +22,9 @@ use super::routing::{reject_long_topic, reload_targets, route, subscriptions};
 use super::{App, control, reload, status};
 use crate::config::Qos;
 use crate::ota;
+use crate::pipeline::WorkerHandle;
 use crate::pipeline::swap::SwapResult;
-use crate::pipeline::{Publisher, WorkerHandle};
+use crate::publish::Publisher;
 use crate::sys::notify::{self, Notifier};
 use crate::telemetry::DropReason;
 

@@ -318,8 +318,9 @@ pub fn summary_line(app: &App) -> String {
 /// The Prometheus text exposition of everything above: one family per metric, every pipeline
 /// as a `pipeline` label. Names, units and labels are documented in `docs/metrics.md`.
 pub fn prometheus(app: &App) -> String {
+    use crate::reject::RejectReason;
     use crate::telemetry::prometheus::{Exposition, Kind};
-    use crate::telemetry::{DropReason, FailReason, RejectReason};
+    use crate::telemetry::{DropReason, FailReason};
 
     let mut e = Exposition::new();
     let ps = &app.pipelines;

@@ -87,7 +87,7 @@ pub struct Config {
     pub commands: CommandsConfig,
     pub ota: OtaConfig,
     /// Results kept on disk while the broker is unreachable (`spool`).
-    pub spool: crate::spool::SpoolConfig,
+    pub spool: SpoolConfig,
     pub errors: ErrorsConfig,
     pub shutdown: ShutdownConfig,
     pub system: SystemConfig,
@@ -279,6 +279,22 @@ pub struct OtaConfig {
     /// Fleet groups this device belongs to: a manifest's `target` must be the device id or one
     /// of these.
     pub groups: Vec<String>,
+}
+
+/// `[spool]` settings.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub enabled: bool,
+    /// Disk space the spool may use; the oldest results are evicted beyond it.
+    pub max_size: u64,
+    /// Longest time a spooled result stays in memory before it is written to disk.
+    pub commit_interval: Duration,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self { enabled: true, max_size: 64 << 20, commit_interval: Duration::from_millis(200) }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -839,7 +855,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
 
     let spool = {
         let mut s = root.table(p, "spool");
-        let d = crate::spool::SpoolConfig::default();
+        let d = SpoolConfig::default();
         let enabled = s.as_mut().and_then(|s| s.bool(p, "enabled")).unwrap_or(d.enabled);
         let max_size =
             s.as_mut().and_then(|s| s.size(p, "max_size", 64 << 10, 1 << 40)).unwrap_or(d.max_size);
@@ -852,7 +868,7 @@ fn build(table: &Table, base: &Path, p: &mut Problems) -> Option<Config> {
         if let Some(s) = s {
             s.finish(p);
         }
-        crate::spool::SpoolConfig { enabled, max_size, commit_interval }
+        SpoolConfig { enabled, max_size, commit_interval }
     };
 
     let errors = {

@@ -21,12 +21,11 @@ use zune_core::bytestream::ZCursor;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 
-use super::decode::Reject;
 use super::preprocess::{ImageView, Plan, PlanScratch, SourceMap};
 use crate::config::PayloadFormat;
 use crate::config::image::{ImageConfig, PixelLayout, RawImage, SampleType};
 use crate::model::TensorSpec;
-use crate::telemetry::RejectReason;
+use crate::reject::{Reject, RejectReason};
 
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
 

@@ -6,12 +6,10 @@
 //! This module does not own the MQTT connection: publishing goes through the trait, so tests can
 //! drive a pipeline without a broker.
 
-pub mod cbor;
 pub mod decode;
 pub mod dedup;
 pub mod detect;
 pub mod devices;
-pub mod envelope;
 pub mod events;
 pub mod image;
 pub mod output;
@@ -33,49 +31,17 @@ use smallvec::SmallVec;
 
 use crate::config::{ErrorsConfig, PipelineConfig, PostProcess, Qos};
 use crate::model::Model;
+pub use crate::publish::{PublishError, Publisher};
+use crate::reject::Reject;
 use crate::telemetry::slo::SloTracker;
 use crate::telemetry::{DropReason, PipelineStats};
 use crate::topic::Captures;
-use decode::{Decoded, Decoder, Reject};
+use decode::{Decoded, Decoder};
 use output::{ErrorMsg, unix_us};
 use overload::{Controller, Shedder};
 use queue::{FrameQueue, Push};
 pub use swap::ModelSet;
 pub use worker::{Placement, Scratch, WorkerHandle};
-
-/// Why a message could not be handed to the MQTT client.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("the MQTT client's request queue stayed full for {0:?}")]
-    Timeout(std::time::Duration),
-    #[error("the MQTT client's request queue is full")]
-    Full,
-    #[error("the MQTT client is shut down")]
-    Closed,
-    #[error("invalid topic {0:?}")]
-    Topic(String),
-}
-
-/// Where pipelines send results and error messages. Implemented over rumqttc by `mqtt`.
-pub trait Publisher: Send + Sync {
-    /// Hands a message to the client, waiting a bounded time when its queue is full (workers).
-    /// Borrowed: the implementation copies what its transport needs to own.
-    fn publish(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        qos: Qos,
-        retain: bool,
-    ) -> Result<(), PublishError>;
-    /// Never waits (the ingest task must keep the MQTT event loop moving).
-    fn try_publish(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        qos: Qos,
-        retain: bool,
-    ) -> Result<(), PublishError>;
-}
 
 /// A validated frame waiting for inference.
 #[derive(Debug)]
@@ -512,7 +478,7 @@ impl Pipeline {
     pub fn reject_long_topic(&self, topic: &str, limit: usize, publisher: &dyn Publisher) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         let r = Reject::new(
-            crate::telemetry::RejectReason::TopicTooLong,
+            crate::reject::RejectReason::TopicTooLong,
             format!("the topic is {} bytes, above broker.max_topic_length ({limit})", topic.len()),
         );
         self.reject(crate::topic::shorten(topic, 128), &r, publisher);

@@ -25,12 +25,11 @@
 
 use tract_onnx::prelude::f16;
 
-use super::decode::Reject;
 use crate::config::image::{
     ColorOrder, PixelLayout, Preprocess, ResizeMode, SampleType, TensorLayout,
 };
 use crate::model::{DType, TensorSpec};
-use crate::telemetry::RejectReason;
+use crate::reject::{Reject, RejectReason};
 
 /// A decoded image, borrowed: from the decoder's buffer or straight from a raw frame.
 #[derive(Debug, Clone, Copy)]

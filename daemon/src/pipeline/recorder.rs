@@ -3,8 +3,8 @@
 
 use std::sync::Mutex;
 
-use super::{PublishError, Publisher};
 use crate::config::Qos;
+use crate::publish::{PublishError, Publisher};
 
 /// One recorded message.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use super::recorder::Recorder;
 use super::*;
 use crate::config::Config;
 use crate::model::LoadOptions;
-use crate::telemetry::RejectReason;
+use crate::reject::RejectReason;
 use crate::topic::TopicFilter;
 
 fn fixture(rel: &str) -> PathBuf {

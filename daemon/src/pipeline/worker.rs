@@ -421,8 +421,8 @@ impl Pipeline {
                 Some(payload) => {
                     img.write(payload, &mut scratch.image, session.input_row_mut(0, row))
                 }
-                None => Err(super::decode::Reject::new(
-                    crate::telemetry::RejectReason::Empty,
+                None => Err(crate::reject::Reject::new(
+                    crate::reject::RejectReason::Empty,
                     "image frame without a payload",
                 )),
             };

@@ -7,7 +7,7 @@ use edgeinfer::config::window::{Envelope, GapPolicy, WindowConfig, WindowLayout,
 use edgeinfer::config::{NanPolicy, PayloadFormat};
 use edgeinfer::model::{DType, Dim, TensorSpec};
 use edgeinfer::pipeline::decode::Decoder;
-use edgeinfer::pipeline::envelope;
+use edgeinfer::pipeline::decode::envelope;
 use libfuzzer_sys::fuzz_target;
 
 fn spec(shape: &[usize]) -> TensorSpec {

@@ -5,8 +5,8 @@ use crate::config::window::Envelope;
 use crate::config::{NanPolicy, PayloadFormat};
 use crate::model::Dim;
 use crate::pipeline::decode::Decoder;
-use crate::pipeline::envelope::{self, Meta};
-use crate::telemetry::RejectReason;
+use crate::pipeline::decode::envelope::{self, Meta};
+use crate::reject::RejectReason;
 
 fn cfg(samples: usize, hop: usize, channels: usize) -> WindowConfig {
     WindowConfig {

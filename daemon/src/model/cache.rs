@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
-use crate::model::{DType, Dim, Parsed, TensorSpec};
+use super::spec::{DType, Dim, Parsed, TensorSpec};
 use crate::sys::fsutil;
 
 /// Bumped when the entry layout changes.

@@ -8,7 +8,7 @@
 //!   with exactly the element count. Numbers stream straight into the little-endian buffer
 //!   (no intermediate `serde_json::Value` tree).
 //! - `cbor`: the json structure in CBOR; a tensor may also be a byte string or an RFC 8746
-//!   typed array, sliced zero-copy ([`super::cbor`]).
+//!   typed array, sliced zero-copy ([`cbor`]).
 //!
 //! Binary frames may start with the edgeinfer-v1 envelope (seq, ts, deadline; [`super::envelope`]),
 //! stripped here by slicing.
@@ -25,49 +25,28 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::de::DeserializeSeed;
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
-use tract_onnx::prelude::f16;
 
-use super::envelope;
+pub mod cbor;
+pub mod envelope;
+mod json;
+mod sink;
+
 use super::image::ImageInput;
 use super::window::WindowPlan;
 use crate::config::image::{ImageConfig, SampleType};
 use crate::config::window::{Envelope, WindowConfig, WireSample};
 use crate::config::{NanPolicy, PayloadFormat};
 use crate::model::{DType, TensorSpec};
-use crate::telemetry::RejectReason;
-
-/// Input buffers in model input order, plus the frame metadata the device sent.
-#[derive(Debug, Clone, Default)]
-pub struct Decoded {
-    pub seq: Option<u64>,
-    /// Device timestamp, milliseconds since the Unix epoch.
-    pub ts: Option<f64>,
-    /// The frame's own deadline, milliseconds after arrival.
-    pub deadline_ms: Option<f64>,
-    pub inputs: SmallVec<[Bytes; 2]>,
-}
-
-/// Why a payload was refused, with a human-readable detail for the error topic.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reject {
-    pub reason: RejectReason,
-    pub detail: String,
-    /// The device's sequence number, when it could be read.
-    pub seq: Option<u64>,
-}
-
-impl Reject {
-    pub(crate) fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Self { reason, detail: detail.into(), seq: None }
-    }
-}
+use crate::reject::{Reject, RejectReason};
+use json::Node;
+pub use sink::Decoded;
+use sink::{Sink, check_finite};
 
 /// Decoder for one pipeline's payloads, built once from the model's input signature.
 #[derive(Debug, Clone)]
@@ -242,7 +221,7 @@ impl Decoder {
         }
         match self.format {
             PayloadFormat::Json => self.decode_json(&payload),
-            PayloadFormat::Cbor => super::cbor::decode(&payload, &self.specs, self.nan),
+            PayloadFormat::Cbor => cbor::decode(&payload, &self.specs, self.nan),
             _ => self.decode_raw(payload),
         }
     }
@@ -437,282 +416,11 @@ impl Decoder {
     }
 }
 
-/// Index of the first NaN/inf element of a float tensor in little-endian bytes.
-/// Refuses `b` when it holds a non-finite float and the policy is `reject`; `what(i)` names
-/// element `i` in the error.
-pub(super) fn check_finite(
-    nan: NanPolicy,
-    dt: DType,
-    b: &[u8],
-    what: impl FnOnce(usize) -> String,
-) -> Result<(), Reject> {
-    match first_non_finite(dt, b) {
-        Some(i) if nan == NanPolicy::Reject => Err(Reject::new(
-            RejectReason::NonFinite,
-            format!("{} is not finite (nan = \"reject\")", what(i)),
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// A frame that is its one payload, queued as it came (zero-copy), without frame metadata.
 fn single(payload: Bytes) -> Decoded {
     let mut inputs = SmallVec::new();
     inputs.push(payload);
     Decoded { seq: None, ts: None, deadline_ms: None, inputs }
-}
-
-pub(super) fn first_non_finite(dt: DType, b: &[u8]) -> Option<usize> {
-    match dt {
-        DType::F32 => b
-            .chunks_exact(4)
-            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-        DType::F64 => b.chunks_exact(8).position(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            !f64::from_le_bytes(a).is_finite()
-        }),
-        DType::F16 => b
-            .chunks_exact(2)
-            .position(|c| !f16::from_bits(u16::from_le_bytes([c[0], c[1]])).is_finite()),
-        _ => None,
-    }
-}
-
-/// Accumulates decoded elements and the first reason to reject (JSON and CBOR frames).
-pub(super) struct Sink<'s> {
-    pub(super) out: Vec<u8>,
-    pub(super) spec: &'s TensorSpec,
-    pub(super) nan: NanPolicy,
-    pub(super) total: usize,
-    pub(super) leaves: usize,
-    /// Nesting depth of the first number seen: `rank` (nested form) or 1 (flat form).
-    pub(super) leaf_depth: Option<usize>,
-    pub(super) reject: Option<Reject>,
-}
-
-impl<'s> Sink<'s> {
-    /// An empty sink for one input (its buffer sized once, from the model's signature).
-    pub(super) fn new(spec: &'s TensorSpec, nan: NanPolicy) -> Self {
-        Sink {
-            out: Vec::with_capacity(spec.byte_len()),
-            spec,
-            nan,
-            total: spec.len(),
-            leaves: 0,
-            leaf_depth: None,
-            reject: None,
-        }
-    }
-
-    pub(super) fn shape_error(&self, what: String) -> Reject {
-        Reject::new(
-            RejectReason::WrongShape,
-            format!(
-                "input `{}` {what}; expected shape {:?} ({} elements), nested or flat",
-                self.spec.name, self.spec.shape, self.total
-            ),
-        )
-    }
-
-    fn fail<E: de::Error>(&mut self, r: Reject) -> E {
-        let msg = r.detail.clone();
-        self.reject.get_or_insert(r);
-        E::custom(msg)
-    }
-
-    fn leaf<E: de::Error>(&mut self, depth: usize, v: Num) -> Result<(), E> {
-        self.push(depth, v).map_err(|r| self.fail(r))
-    }
-
-    /// Appends one element found at nesting `depth`, or says why it does not fit.
-    pub(super) fn push(&mut self, depth: usize, v: Num) -> Result<(), Reject> {
-        let rank = self.spec.shape.len();
-        match self.leaf_depth {
-            None if depth == rank || depth == 1 || (rank == 0 && depth == 0) => {
-                self.leaf_depth = Some(depth)
-            }
-            None => {
-                return Err(self.shape_error(format!("has a number at nesting depth {depth}")));
-            }
-            Some(d) if d != depth => {
-                return Err(self.shape_error("mixes numbers and arrays at one level".into()));
-            }
-            Some(_) => {}
-        }
-        if self.leaves >= self.total {
-            // Stop early: never let an oversized array grow the buffer past the input's size.
-            return Err(self.shape_error(format!("has more than {} elements", self.total)));
-        }
-        self.leaves += 1;
-        let spec: &TensorSpec = self.spec;
-        let name = &spec.name;
-        let idx = self.leaves - 1;
-        let dt = spec.dtype;
-        let wrong = |what: String| {
-            Reject::new(
-                RejectReason::WrongDtype,
-                format!("input `{name}` ({dt}) element {idx}: {what}"),
-            )
-        };
-        macro_rules! int {
-            ($t:ty) => {{
-                let x: $t = match v {
-                    Num::U(u) => {
-                        <$t>::try_from(u).map_err(|_| wrong(format!("{u} is out of range")))?
-                    }
-                    Num::I(i) => {
-                        <$t>::try_from(i).map_err(|_| wrong(format!("{i} is out of range")))?
-                    }
-                    Num::F(f)
-                        if f.fract() == 0.0 && f >= <$t>::MIN as f64 && f <= <$t>::MAX as f64 =>
-                    {
-                        f as $t
-                    }
-                    Num::F(f) => return Err(wrong(format!("{f} is not an integer in range"))),
-                    Num::B(b) => return Err(wrong(format!("{b} is a boolean"))),
-                };
-                self.out.extend_from_slice(&x.to_le_bytes());
-            }};
-        }
-        let res: Result<(), Reject> = (|| {
-            match dt {
-                DType::F16 | DType::F32 | DType::F64 => {
-                    let f = match v {
-                        Num::U(u) => u as f64,
-                        Num::I(i) => i as f64,
-                        Num::F(f) => f,
-                        Num::B(b) => return Err(wrong(format!("{b} is a boolean"))),
-                    };
-                    let finite = match dt {
-                        DType::F16 => f16::from_f64(f).is_finite(),
-                        DType::F32 => (f as f32).is_finite(),
-                        _ => f.is_finite(),
-                    };
-                    if !finite && self.nan == NanPolicy::Reject {
-                        return Err(Reject::new(
-                            RejectReason::NonFinite,
-                            format!(
-                                "input `{name}` element {idx}: {f} overflows {dt} (nan = \"reject\")"
-                            ),
-                        ));
-                    }
-                    match dt {
-                        DType::F16 => {
-                            self.out.extend_from_slice(&f16::from_f64(f).to_bits().to_le_bytes())
-                        }
-                        DType::F32 => self.out.extend_from_slice(&(f as f32).to_le_bytes()),
-                        _ => self.out.extend_from_slice(&f.to_le_bytes()),
-                    }
-                }
-                DType::Bool => match v {
-                    Num::B(b) => self.out.push(u8::from(b)),
-                    Num::U(u @ (0 | 1)) => self.out.push(u as u8),
-                    _ => return Err(wrong("expected true/false or 0/1".into())),
-                },
-                DType::I8 => int!(i8),
-                DType::I16 => int!(i16),
-                DType::I32 => int!(i32),
-                DType::I64 => int!(i64),
-                DType::U8 => int!(u8),
-                DType::U16 => int!(u16),
-                DType::U32 => int!(u32),
-                DType::U64 => int!(u64),
-            }
-            Ok(())
-        })();
-        res
-    }
-}
-
-#[derive(Clone, Copy)]
-pub(super) enum Num {
-    U(u64),
-    I(i64),
-    F(f64),
-    B(bool),
-}
-
-/// One JSON value at nesting `depth` (0 = the input's top-level value).
-struct Node<'a, 's> {
-    sink: &'a mut Sink<'s>,
-    depth: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Node<'_, '_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a number or an array of numbers")
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.sink.leaf(self.depth, Num::U(v))
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.sink.leaf(self.depth, Num::I(v))
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.sink.leaf(self.depth, Num::F(v))
-    }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
-        self.sink.leaf(self.depth, Num::B(v))
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        let what = format!(
-            "input `{}` contains the string {v:?} where a number belongs",
-            self.sink.spec.name
-        );
-        Err(self.sink.fail(Reject::new(RejectReason::WrongDtype, what)))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        let what = format!("input `{}` contains null where a number belongs", self.sink.spec.name);
-        Err(self.sink.fail(Reject::new(RejectReason::WrongDtype, what)))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let rank = self.sink.spec.shape.len();
-        if self.depth >= rank.max(1) {
-            let r = self.sink.shape_error(format!("is nested deeper than its rank {rank}"));
-            return Err(self.sink.fail(r));
-        }
-        let mut n = 0usize;
-        while seq
-            .next_element_seed(Node { sink: &mut *self.sink, depth: self.depth + 1 })?
-            .is_some()
-        {
-            n += 1;
-        }
-        let flat = self.sink.leaf_depth == Some(1) && rank != 1;
-        let expected = if flat { self.sink.total } else { self.sink.spec.shape[self.depth] };
-        if n != expected {
-            let r = if flat {
-                self.sink.shape_error(format!("has {n} elements"))
-            } else {
-                self.sink.shape_error(format!(
-                    "has {n} entries on axis {} (expected {expected})",
-                    self.depth
-                ))
-            };
-            return Err(self.sink.fail(r));
-        }
-        Ok(())
-    }
-
-    fn visit_map<A: de::MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
-        let what = format!(
-            "input `{}` contains an object where a number or array belongs",
-            self.sink.spec.name
-        );
-        Err(self.sink.fail(Reject::new(RejectReason::WrongShape, what)))
-    }
 }
 
 #[cfg(test)]

@@ -25,8 +25,7 @@
 //! A field whose flag is clear is ignored (write 0). Parsing never copies: the payload is the
 //! rest of the message, sliced from the packet buffer.
 
-use super::decode::Reject;
-use crate::telemetry::RejectReason;
+use crate::reject::{Reject, RejectReason};
 
 pub const MAGIC: [u8; 4] = *b"EIF1";
 pub const VERSION: u8 = 1;

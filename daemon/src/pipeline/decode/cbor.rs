@@ -25,10 +25,10 @@
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::decode::{Decoded, Num, Reject, Sink, check_finite};
+use super::sink::{Decoded, Num, Sink, check_finite};
 use crate::config::NanPolicy;
 use crate::model::{DType, TensorSpec};
-use crate::telemetry::RejectReason;
+use crate::reject::{Reject, RejectReason};
 
 /// Deepest nesting of arrays/maps/tags skipped in fields the daemon does not read.
 pub const MAX_DEPTH: usize = 32;
