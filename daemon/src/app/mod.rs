@@ -9,6 +9,7 @@
 mod control;
 mod delivery;
 pub mod engine;
+mod exposition;
 mod link;
 pub mod metrics_http;
 mod reload;
@@ -614,7 +615,7 @@ fn start_metrics_endpoint(
             Ok(listener) => {
                 log::info!("Prometheus metrics on http://{addr}/metrics");
                 let a = Arc::clone(app);
-                let render: metrics_http::Render = Arc::new(move || status::prometheus(&a));
+                let render: metrics_http::Render = Arc::new(move || exposition::prometheus(&a));
                 rt.spawn(metrics_http::serve(listener, render, metrics_stop_rx));
             }
             Err(e) => log::error!(

@@ -266,14 +266,6 @@ pub fn histogram_json(s: &Snapshot) -> Value {
     json!({ "count": s.count(), "sum_ns": s.sum_ns, "max_ns": s.max_ns, "buckets": buckets })
 }
 
-/// Resident set size of this process in bytes, from `/proc/self/statm`.
-pub fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten()? as u64;
-    Some(pages * page)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,10 +287,5 @@ mod tests {
         assert_eq!(j["rejected"]["non_finite"], 0);
         assert_eq!(j["dropped"]["queue_full"], 1);
         assert_eq!(j["failed"]["publish_error"], 1);
-    }
-
-    #[test]
-    fn rss_is_readable_here() {
-        assert!(rss_bytes().is_some_and(|b| b > 0));
     }
 }
