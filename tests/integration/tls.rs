@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, free_port, wait_health};
+use edgeinfer_tests::{Daemon, Fixture, Mosquitto, MqttClient, eventually, free_port, wait_health};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rumqttc::QoS;
 
@@ -133,8 +133,14 @@ fn refused(device: &str, server_cert: &str, tls: impl Fn(&Pki) -> String, needle
     daemon
         .wait_log(needle, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{device}: {e}\n{}", broker.log()));
-    // Retries with backoff, no crash, never online.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Retries with backoff (the broker sees a second connection on its TLS port), no crash,
+    // never online.
+    let tls_connections = || broker.log().matches(&format!(" on port {tls_port}.")).count();
+    assert!(
+        eventually(Duration::from_secs(20), || tls_connections() >= 2),
+        "{device}: no second attempt: {}",
+        broker.log()
+    );
     assert!(daemon.is_running(), "{device}: the daemon must keep retrying");
     assert!(
         daemon.log().contains("still unreachable") || daemon.log().matches(needle).count() >= 1
@@ -238,7 +244,13 @@ fn a_password_from_a_systemd_credential_authenticates_and_a_wrong_one_is_refused
     std::fs::write(&secret, "wrong-pass\n").expect("write");
     let mut daemon = credential_daemon(&broker, "cred-bad", &creds);
     daemon.wait_log("cannot connect to broker", Duration::from_secs(20)).expect("refusal logged");
-    std::thread::sleep(Duration::from_millis(1000));
+    // Refused again at the next attempt: it keeps retrying.
+    let refusals = || broker.log().matches("disconnected, not authorised").count();
+    assert!(
+        eventually(Duration::from_secs(20), || refusals() >= 2),
+        "no second attempt: {}",
+        broker.log()
+    );
     assert!(daemon.is_running(), "keeps retrying");
     assert!(!daemon.log().contains("wrong-pass"));
     assert!(

@@ -39,6 +39,9 @@ pub(super) enum Flow {
     Exit,
     /// A second stop signal: return at once without finishing the drain.
     Abort,
+    /// Shutdown with the broker unreachable: hand what the MQTT client holds to the spool
+    /// (`preserve`, which needs the event loop), then return cleanly.
+    Preserve,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +51,12 @@ enum Phase {
     Draining {
         deadline: Instant,
     },
-    /// Offline status and DISCONNECT requested; waiting for them to be written.
+    /// Offline status requested, then DISCONNECT once the broker has answered everything
+    /// before it; waiting for the DISCONNECT to be written.
     Farewell {
         deadline: Instant,
+        /// DISCONNECT requested (the barrier's UNSUBACK came back).
+        disconnecting: bool,
     },
 }
 
@@ -95,6 +101,8 @@ struct Topics {
     metrics: String,
     events: String,
     reload: Option<String>,
+    /// Never subscribed: unsubscribing from it is the shutdown's ordering barrier.
+    farewell_barrier: String,
     /// Base of model delivery (`ota.enabled`).
     ota: Option<String>,
 }
@@ -159,6 +167,7 @@ impl<'a> Serving<'a> {
             metrics: cfg.metrics.topic.render(&cfg.device_id, ""),
             events: cfg.commands.events_topic.render(&cfg.device_id, ""),
             reload: cfg.commands.reload_topic.as_ref().map(|t| t.render(&cfg.device_id, "")),
+            farewell_barrier: format!("{}/farewell", cfg.health.topic.render(&cfg.device_id, "")),
             ota: cfg.ota.enabled.then(|| cfg.ota.topic.render(&cfg.device_id, "")),
         };
         let period = if notifier.enabled() { notify::watchdog_period() } else { None };
@@ -391,6 +400,7 @@ impl<'a> Serving<'a> {
             Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p).await,
             Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connack(el, &ack),
             Ok(Event::Incoming(Packet::SubAck(ack))) => on_suback(&ack),
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => self.on_farewell_barrier(),
             Ok(Event::Outgoing(Outgoing::Disconnect))
                 if matches!(self.phase, Phase::Farewell { .. }) =>
             {
@@ -609,10 +619,10 @@ impl<'a> Serving<'a> {
 
     /// While stopping: once the workers are done (or the grace period is over) say goodbye;
     /// once the goodbye is written (or takes too long) exit.
-    pub(super) fn drain_tick(&mut self, el: &mut EventLoop) -> Flow {
+    pub(super) fn drain_tick(&mut self) -> Flow {
         match self.phase {
             Phase::Running => Flow::Continue,
-            Phase::Farewell { deadline } => {
+            Phase::Farewell { deadline, .. } => {
                 if Instant::now() >= deadline {
                     log::warn!("disconnect not confirmed within {FAREWELL_TIMEOUT:?}");
                     return Flow::Exit;
@@ -631,24 +641,50 @@ impl<'a> Serving<'a> {
                     log::warn!(
                         "broker unreachable at shutdown: offline status not published (the Last Will covers it)"
                     );
-                    preserve_held(self.app, el, &mut self.held);
-                    return Flow::Exit;
+                    return Flow::Preserve;
                 }
-                // The offline status and DISCONNECT go through the same FIFO request channel as
-                // the results, so they are written after every result.
-                let (c, payload, topic) = (
+                // The offline status goes through the same FIFO request channel as the results,
+                // so it is written after every result. Then a barrier: an UNSUBSCRIBE of a
+                // filter never subscribed, which the broker answers in order, after the PUBACKs
+                // of everything before it. Only then DISCONNECT (`on_farewell_barrier`): a client
+                // that closes its socket before the broker has sent a PUBACK makes mosquitto
+                // (before 2.0.22) drop the connection as an error and publish the Last Will,
+                // `connection_lost`, over the offline status.
+                let (c, payload, topic, barrier) = (
                     self.client.clone(),
                     status::offline(self.app, "shutdown"),
                     self.topics.health.clone(),
+                    self.topics.farewell_barrier.clone(),
                 );
                 tokio::spawn(async move {
                     let _ = c.publish(topic, QoS::AtLeastOnce, true, payload).await;
-                    let _ = c.disconnect().await;
+                    let _ = c.unsubscribe(barrier).await;
                 });
-                self.phase = Phase::Farewell { deadline: Instant::now() + FAREWELL_TIMEOUT };
+                self.phase = Phase::Farewell {
+                    deadline: Instant::now() + FAREWELL_TIMEOUT,
+                    disconnecting: false,
+                };
                 Flow::Continue
             }
         }
+    }
+
+    /// The broker answered the farewell barrier: everything before it is acknowledged, so the
+    /// DISCONNECT can go (and the process exit once it is written).
+    fn on_farewell_barrier(&mut self) -> Flow {
+        if let Phase::Farewell { disconnecting: d @ false, .. } = &mut self.phase {
+            *d = true;
+            let c = self.client.clone();
+            tokio::spawn(async move {
+                let _ = c.disconnect().await;
+            });
+        }
+        Flow::Continue
+    }
+
+    /// Shutdown with the broker unreachable: what the client still holds goes to the spool.
+    pub(super) fn preserve(&mut self, el: &mut EventLoop) {
+        preserve_held(self.app, el, &mut self.held);
     }
 
     /// The grace period expired with frames still queued: they are dropped and counted.
@@ -749,9 +785,14 @@ mod tests {
 
         /// What the handlers asked the MQTT client to send (acknowledgements excepted).
         fn requests(&mut self) -> Vec<Request> {
-            self.el.clean();
-            self.el.pending.drain(..).collect()
+            requests(&mut self.el)
         }
+    }
+
+    /// What was asked of the client whose event loop this is (acknowledgements excepted).
+    fn requests(el: &mut EventLoop) -> Vec<Request> {
+        el.clean();
+        el.pending.drain(..).collect()
     }
 
     fn connack(session_present: bool) -> ConnAck {
@@ -960,22 +1001,48 @@ mod tests {
     #[tokio::test]
     async fn the_drain_says_goodbye_when_connected_and_exits_at_once_when_not() {
         // Broker down: nothing to say goodbye to (the Last Will covers it).
-        let r = rig("");
-        let mut s = r.serving();
+        let mut r = rig("");
         let mut el = AsyncClient::new(MqttOptions::new("x", "h", 1), 8).1;
+        let mut s = Serving::new(&r.app, r.client.clone(), r.rec.clone(), &[], &r.notifier).0;
         s.on_stop();
-        assert_eq!(s.drain_tick(&mut el), Flow::Exit);
-        // Connected: the offline status and DISCONNECT are queued, then the loop waits for the
-        // DISCONNECT to be written.
-        let mut s = r.serving();
+        assert_eq!(s.drain_tick(), Flow::Preserve);
+        // Connected: the offline status, then the barrier; DISCONNECT only once the broker has
+        // answered the barrier (so every PUBACK before it was sent); exit once it is written.
+        let mut s = Serving::new(&r.app, r.client.clone(), r.rec.clone(), &[], &r.notifier).0;
         s.on_connack(&mut el, &connack(false));
+        requests(&mut r.el);
         s.on_stop();
-        assert_eq!(s.drain_tick(&mut el), Flow::Continue);
-        assert!(matches!(s.phase, Phase::Farewell { .. }));
+        assert_eq!(s.drain_tick(), Flow::Continue);
+        assert!(matches!(s.phase, Phase::Farewell { disconnecting: false, .. }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = requests(&mut r.el);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        match &sent[0] {
+            Request::Publish(p) => {
+                assert!(p.retain && p.topic == "edgeinfer/edge-1/health", "{p:?}");
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+                assert_eq!(
+                    (v["status"].as_str(), v["reason"].as_str()),
+                    (Some("offline"), Some("shutdown"))
+                );
+            }
+            other => panic!("expected the offline status first, got {other:?}"),
+        }
+        assert!(
+            matches!(&sent[1], Request::Unsubscribe(u) if u.topics == ["edgeinfer/edge-1/health/farewell"]),
+            "{sent:?}"
+        );
         assert_eq!(
             s.on_event(&mut el, Ok(Event::Outgoing(Outgoing::PingReq))).await,
             Flow::Continue
         );
+        let unsuback = rumqttc::UnsubAck { pkid: 1 };
+        assert_eq!(
+            s.on_event(&mut el, Ok(Event::Incoming(Packet::UnsubAck(unsuback)))).await,
+            Flow::Continue
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(requests(&mut r.el)[..], [Request::Disconnect(_)]));
         assert_eq!(
             s.on_event(&mut el, Ok(Event::Outgoing(Outgoing::Disconnect))).await,
             Flow::Exit
