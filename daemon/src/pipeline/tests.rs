@@ -563,3 +563,38 @@ fn an_image_rejected_inside_a_batch_only_skips_its_row() {
         }
     }
 }
+
+/// A swap that happens while a worker waits for frames serves the next frame already: a client
+/// that saw the new version reported gets results from it (the worker used to check for a swap
+/// only before waiting, so the first frame after a swap could come from the old model).
+#[test]
+fn the_first_frame_after_a_swap_is_served_by_the_new_model() {
+    let p = pipeline("");
+    let rec = Arc::new(Recorder::default());
+    let workers = p.start_workers(rec.clone(), &[Placement::default()]).expect("workers");
+    let filter = TopicFilter::parse("sensors/+/digits").expect("filter");
+    let frame = |i: usize| {
+        let (input, _) = sample(i);
+        let topic = format!("sensors/d{i}/digits");
+        let caps = filter.matches(&topic).expect("match");
+        let payload = serde_json::json!({"data": input}).to_string();
+        assert!(p.ingest(topic, caps, Bytes::from(payload), &*rec).is_none());
+        wait_idle(&p);
+    };
+    frame(0);
+    assert_eq!(rec.take()[0].1["model"]["version"], "1");
+    // The worker is now waiting in the queue (it waits up to a quarter second per turn).
+    std::thread::sleep(Duration::from_millis(30));
+    let v2 = Model::load(
+        &fixture("digits_v2/model.onnx"),
+        &LoadOptions { name: "digits".into(), ..Default::default() },
+    )
+    .expect("v2");
+    let set = ModelSet::new(v2, Vec::new(), p.models().labels.clone(), "test");
+    p.check_candidate(&set).expect("same signature");
+    p.install(set);
+    frame(1);
+    let got = rec.take();
+    assert_eq!(got[0].1["model"]["version"], "2", "{:?}", got[0].1["model"]);
+    stop(&p, workers);
+}

@@ -193,6 +193,9 @@ fn run(
         m.refresh(p, threads);
         match p.queue.pop(IDLE_TICK) {
             Pop::Item(frame) => {
+                // Again: a swap reported while this worker waited in `pop` must serve this frame
+                // already (a client that saw the new version in health gets its results).
+                m.refresh(p, threads);
                 let limit = p.batch_limit();
                 if limit > 1 {
                     // Whatever else is already queued, up to the batch limit: batching never
