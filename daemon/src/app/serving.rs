@@ -31,6 +31,11 @@ use crate::telemetry::DropReason;
 /// How long the goodbye (offline status + DISCONNECT) may take once draining is over.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long the goodbye waits for the broker to answer its barrier before it disconnects anyway
+/// (a broker that does not answer an UNSUBSCRIBE of a filter it does not know, as rumqttd 0.20,
+/// the demo's broker, does not).
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the serving loop does after a handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Flow {
@@ -622,10 +627,17 @@ impl<'a> Serving<'a> {
     pub(super) fn drain_tick(&mut self) -> Flow {
         match self.phase {
             Phase::Running => Flow::Continue,
-            Phase::Farewell { deadline, .. } => {
-                if Instant::now() >= deadline {
+            Phase::Farewell { deadline, disconnecting, .. } => {
+                let now = Instant::now();
+                if now >= deadline {
                     log::warn!("disconnect not confirmed within {FAREWELL_TIMEOUT:?}");
                     return Flow::Exit;
+                }
+                if !disconnecting && now + FAREWELL_TIMEOUT >= deadline + BARRIER_TIMEOUT {
+                    log::debug!(
+                        "the broker did not answer the goodbye's barrier within {BARRIER_TIMEOUT:?}: disconnecting anyway"
+                    );
+                    return self.on_farewell_barrier();
                 }
                 Flow::Continue
             }
@@ -1047,6 +1059,28 @@ mod tests {
             s.on_event(&mut el, Ok(Event::Outgoing(Outgoing::Disconnect))).await,
             Flow::Exit
         );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_never_answers_the_barrier_still_gets_a_disconnect() {
+        let mut r = rig("");
+        let mut el = AsyncClient::new(MqttOptions::new("x", "h", 1), 8).1;
+        let mut s = Serving::new(&r.app, r.client.clone(), r.rec.clone(), &[], &r.notifier).0;
+        s.on_connack(&mut el, &connack(false));
+        s.on_stop();
+        assert_eq!(s.drain_tick(), Flow::Continue);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        requests(&mut r.el);
+        // No UNSUBACK (rumqttd does not answer unknown filters): nothing before the barrier
+        // timeout, DISCONNECT after it, and the loop still waits for it to be written.
+        assert_eq!(s.drain_tick(), Flow::Continue);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(requests(&mut r.el).is_empty());
+        tokio::time::sleep(BARRIER_TIMEOUT).await;
+        assert_eq!(s.drain_tick(), Flow::Continue);
+        assert!(matches!(s.phase, Phase::Farewell { disconnecting: true, .. }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(requests(&mut r.el)[..], [Request::Disconnect(_)]));
     }
 
     #[test]
