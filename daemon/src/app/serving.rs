@@ -122,6 +122,8 @@ pub(super) struct Reports {
 struct Swaps {
     reloader: reload::Reloader,
     done: UnboundedSender<reload::SwapReportFor>,
+    /// Where OTA verification threads report.
+    verified: UnboundedSender<(String, ota::Outcome)>,
     /// Pipelines a SIGHUP is still reloading (READY=1 follows RELOADING=1 once all are done).
     awaiting: Vec<bool>,
 }
@@ -130,7 +132,6 @@ struct Swaps {
 struct Delivery {
     rx: Option<ota::Receiver>,
     installing: Vec<Option<ota::Status>>,
-    verified: UnboundedSender<(String, ota::Outcome)>,
 }
 
 /// Everything the serving loop knows between events.
@@ -218,8 +219,13 @@ impl<'a> Serving<'a> {
             ready_sent: false,
             watchdog,
             control: control::ControlState::new(app),
-            swaps: Swaps { reloader: reload::Reloader::new(app), done, awaiting: vec![false; n] },
-            delivery: Delivery { rx, installing: vec![None; n], verified },
+            swaps: Swaps {
+                reloader: reload::Reloader::new(app),
+                done,
+                verified,
+                awaiting: vec![false; n],
+            },
+            delivery: Delivery { rx, installing: vec![None; n] },
         };
         (serving, Reports { swaps: swaps_rx, verified: verified_rx })
     }
@@ -363,7 +369,22 @@ impl<'a> Serving<'a> {
 
     /// An OTA message (`<ota.topic>/<pipeline>/{manifest,chunk/<n>}`), while running.
     fn on_ota_message(&mut self, topic: &str, payload: &[u8]) {
-        let (Some(rx), Some(base)) = (self.delivery.rx.as_mut(), self.topics.ota.as_deref()) else {
+        self.with_ota(|ctx, d| {
+            if let Some(rx) = d.rx.as_mut() {
+                handle_ota(ctx, rx, topic, payload, &mut d.installing);
+            }
+        });
+    }
+
+    /// A verification thread finished with a delivered file.
+    pub(super) fn on_verified(&mut self, pipeline: &str, outcome: ota::Outcome) -> Flow {
+        self.with_ota(|ctx, d| ota_outcome(ctx, pipeline, outcome, &mut d.installing));
+        Flow::Continue
+    }
+
+    /// Runs `f` with what OTA handling needs from the loop, when model delivery is on.
+    fn with_ota(&mut self, f: impl FnOnce(&OtaCtx<'_>, &mut Delivery)) {
+        let Some(base) = self.topics.ota.as_deref() else {
             return;
         };
         let ctx = OtaCtx {
@@ -372,25 +393,9 @@ impl<'a> Serving<'a> {
             base,
             reloader: &self.swaps.reloader,
             done: &self.swaps.done,
-            verified: &self.delivery.verified,
+            verified: &self.swaps.verified,
         };
-        handle_ota(&ctx, rx, topic, payload, &mut self.delivery.installing);
-    }
-
-    /// A verification thread finished with a delivered file.
-    pub(super) fn on_verified(&mut self, pipeline: &str, outcome: ota::Outcome) -> Flow {
-        if let Some(base) = self.topics.ota.as_deref() {
-            let ctx = OtaCtx {
-                app: self.app,
-                publisher: &*self.publisher,
-                base,
-                reloader: &self.swaps.reloader,
-                done: &self.swaps.done,
-                verified: &self.delivery.verified,
-            };
-            ota_outcome(&ctx, pipeline, outcome, &mut self.delivery.installing);
-        }
-        Flow::Continue
+        f(&ctx, &mut self.delivery);
     }
 
     // --- The broker connection -----------------------------------------------------------------
