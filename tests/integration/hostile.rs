@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use edgeinfer_tests::{
-    Daemon, Fixture, Mosquitto, MqttClient, books_balance, config, start_daemon, wait_health,
-    wait_online,
+    Daemon, Fixture, Mosquitto, MqttClient, books_balance, config, start_daemon,
+    start_daemon_with_broker, wait_health, wait_online,
 };
 use rumqttc::QoS;
 
@@ -77,12 +77,9 @@ fn giant_topics_are_rejected_before_routing_and_everything_else_is_served() {
 #[test]
 fn an_output_topic_above_mqtts_limit_fails_that_result_only() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
     let pipelines = fx.pipeline("p", "s/+", "r/{1}/{1}", "");
-    let cfg = config(broker.port, "render", &pipelines)
-        .replace("[broker]", "[broker]\nmax_topic_length = 65535");
-    let daemon = Daemon::start(&cfg).expect("daemon");
-    wait_online(broker.port, "render");
+    let (broker, daemon) =
+        start_daemon_with_broker("render", &pipelines, "max_topic_length = 65535");
     let obs = MqttClient::connect(broker.port, "obs-render").expect("observer");
     obs.subscribe("r/#").expect("subscribe results");
     obs.subscribe("edgeinfer/render/errors/#").expect("subscribe errors");

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeinfer_tests::{
-    Daemon, Fixture, Mosquitto, MqttClient, books_balance, config, start_daemon, wait_health,
-    wait_online,
+    Fixture, MqttClient, books_balance, start_daemon, start_daemon_with_broker, wait_health,
 };
 use rumqttc::QoS;
 
@@ -136,12 +135,9 @@ fn malformed_frames_are_reported_and_counted_while_good_frames_flow() {
 #[test]
 fn packets_above_the_client_limit_reset_the_connection_and_serving_resumes() {
     let fx = Fixture::load("digits").expect("fixture");
-    let broker = Mosquitto::start().expect("mosquitto");
     let pipelines = fx.pipeline("p", "s/+", "r/{1}", "max_payload = \"16KiB\"");
-    let cfg = config(broker.port, "huge", &pipelines)
-        .replace("[broker]", "[broker]\nmax_packet_size = \"64KiB\"");
-    let daemon = Daemon::start(&cfg).expect("daemon");
-    wait_online(broker.port, "huge");
+    let (broker, daemon) =
+        start_daemon_with_broker("huge", &pipelines, "max_packet_size = \"64KiB\"");
     let obs = MqttClient::connect(broker.port, "obs-huge").expect("observer");
     obs.subscribe("r/#").expect("subscribe");
     let dev = MqttClient::connect(broker.port, "dev-huge").expect("device");

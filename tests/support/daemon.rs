@@ -160,8 +160,15 @@ impl Drop for Daemon {
 
 /// A broker, and a daemon configured with `pipelines` as `device`, already online.
 pub fn start_daemon(device: &str, pipelines: &str) -> (Mosquitto, Daemon) {
+    start_daemon_with_broker(device, pipelines, "")
+}
+
+/// [`start_daemon`] with extra `[broker]` keys (`key = value` lines).
+pub fn start_daemon_with_broker(device: &str, pipelines: &str, keys: &str) -> (Mosquitto, Daemon) {
     let broker = Mosquitto::start().expect("mosquitto");
-    let daemon = Daemon::start(&config(broker.port, device, pipelines)).expect("daemon");
+    let cfg = config(broker.port, device, pipelines)
+        .replace("[broker]\n", &format!("[broker]\n{keys}\n"));
+    let daemon = Daemon::start(&cfg).expect("daemon");
     wait_online(broker.port, device);
     (broker, daemon)
 }

@@ -37,14 +37,8 @@ pub(super) fn oversized(e: &ConnectionError) -> Option<usize> {
 }
 
 impl Link {
-    pub(super) fn on_error(
-        &mut self,
-        app: &App,
-        e: &ConnectionError,
-        min: Duration,
-        max: Duration,
-        target: &str,
-    ) {
+    pub(super) fn on_error(&mut self, app: &App, e: &ConnectionError, target: &str) {
+        let (min, max) = (app.config.broker.reconnect_min, app.config.broker.reconnect_max);
         app.transport.connection_errors.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = oversized(e) {
             // The client cannot even read such a packet, so no pipeline sees it. A QoS 1 one is

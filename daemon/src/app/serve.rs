@@ -34,9 +34,15 @@ use crate::sys::notify::Notifier;
 
 type MqttEvent = Result<Event, ConnectionError>;
 
-/// What woke the loop.
-enum Source {
+/// What woke the loop: the MQTT event loop (handled with it, outside `dispatch`), or another
+/// source.
+enum Woke {
     Mqtt(MqttEvent),
+    Other(Source),
+}
+
+/// A source other than the MQTT event loop.
+enum Source {
     Stop,
     Sighup,
     Verified(String, ota::Outcome),
@@ -74,7 +80,7 @@ impl Sources {
         &mut self,
         s: &Serving<'_>,
         mqtt: Option<Pin<&mut F>>,
-    ) -> Source {
+    ) -> Woke {
         let (polling, retry_at, pings, draining) =
             (mqtt.is_some(), s.retry_at(), s.pings_due(), s.draining());
         let Sources {
@@ -103,8 +109,8 @@ impl Sources {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            ev = mqtt, if polling => Source::Mqtt(ev),
+        let src = tokio::select! {
+            ev = mqtt, if polling => return Woke::Mqtt(ev),
             _ = sigterm.recv() => Source::Stop,
             _ = sigint.recv() => Source::Stop,
             changed = stop.changed(), if stoppable => {
@@ -120,14 +126,15 @@ impl Sources {
             _ = metrics => Source::MetricsTick,
             _ = control.tick() => Source::ControlTick,
             _ = drain.tick(), if draining => Source::DrainTick,
-        }
+        };
+        Woke::Other(src)
     }
 }
 
 /// One event from a source other than the MQTT event loop, to its handler.
 fn dispatch(s: &mut Serving<'_>, src: Source) -> Flow {
     match src {
-        Source::Mqtt(_) | Source::Idle => Flow::Continue,
+        Source::Idle => Flow::Continue,
         Source::Stop => s.on_stop(),
         Source::Sighup => s.on_sighup(),
         Source::Verified(pipeline, outcome) => s.on_verified(&pipeline, outcome),
@@ -190,8 +197,10 @@ pub(super) async fn serve(
     loop {
         let flow = if s.retry_at().is_some() {
             // Backing off: no poll in progress.
-            let src = sources.next::<std::future::Pending<MqttEvent>>(&s, None).await;
-            dispatch(&mut s, src)
+            match sources.next::<std::future::Pending<MqttEvent>>(&s, None).await {
+                Woke::Other(src) => dispatch(&mut s, src),
+                Woke::Mqtt(_) => Flow::Continue, // no poll was given: never
+            }
         } else {
             // One poll of the event loop, kept until it yields; the other sources are served
             // meanwhile by handlers that do not touch the event loop.
@@ -200,8 +209,8 @@ pub(super) async fn serve(
                 tokio::pin!(poll);
                 loop {
                     match sources.next(&s, Some(poll.as_mut())).await {
-                        Source::Mqtt(ev) => break Ok(ev),
-                        src => match dispatch(&mut s, src) {
+                        Woke::Mqtt(ev) => break Ok(ev),
+                        Woke::Other(src) => match dispatch(&mut s, src) {
                             Flow::Continue => {}
                             flow => break Err(flow),
                         },

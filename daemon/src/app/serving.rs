@@ -543,8 +543,7 @@ impl<'a> Serving<'a> {
             return Flow::Continue;
         }
         let lived = self.link.connected_at.take().map(|t| t.elapsed());
-        let (min, max) = (cfg.broker.reconnect_min, cfg.broker.reconnect_max);
-        self.link.on_error(app, e, min, max, &self.topics.target);
+        self.link.on_error(app, e, &self.topics.target);
         // A clean session is discarded at every reconnect anyway: nothing to clear.
         let limit = if cfg.broker.clean_session { 0 } else { cfg.broker.oversized_session_reset };
         let poison = &mut self.link.poison;
