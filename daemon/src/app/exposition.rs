@@ -109,48 +109,30 @@ fn frames(e: &mut Exposition, ps: &[Arc<Pipeline>]) {
             e.sample(name, &[("pipeline", p.name())], f(p));
         }
     }
-    e.family(
+    by_reason(
+        e,
+        ps,
         "edgeinfer_frames_rejected_total",
-        Kind::Counter,
         "Frames refused because the payload was at fault (at ingest, or when a worker decodes an image), by reason.",
+        &RejectReason::ALL.map(|r| (r.as_str(), r)),
+        |p, r| p.stats.rejected(r),
     );
-    for p in ps {
-        for r in RejectReason::ALL {
-            e.sample(
-                "edgeinfer_frames_rejected_total",
-                &[("pipeline", p.name()), ("reason", r.as_str())],
-                p.stats.rejected(r) as f64,
-            );
-        }
-    }
-    e.family(
+    by_reason(
+        e,
+        ps,
         "edgeinfer_frames_dropped_total",
-        Kind::Counter,
         "Valid frames the daemon chose not to serve, by reason.",
+        &DropReason::ALL.map(|r| (r.as_str(), r)),
+        |p, r| p.stats.dropped(r),
     );
-    for p in ps {
-        for r in DropReason::ALL {
-            e.sample(
-                "edgeinfer_frames_dropped_total",
-                &[("pipeline", p.name()), ("reason", r.as_str())],
-                p.stats.dropped(r) as f64,
-            );
-        }
-    }
-    e.family(
+    by_reason(
+        e,
+        ps,
         "edgeinfer_frames_failed_total",
-        Kind::Counter,
         "Dequeued frames that produced no result, by reason.",
+        &FailReason::ALL.map(|r| (r.as_str(), r)),
+        |p, r| p.stats.failed(r),
     );
-    for p in ps {
-        for r in FailReason::ALL {
-            e.sample(
-                "edgeinfer_frames_failed_total",
-                &[("pipeline", p.name()), ("reason", r.as_str())],
-                p.stats.failed(r) as f64,
-            );
-        }
-    }
 
     let gauges: [(&str, &str, PerPipeline); 4] = [
         ("edgeinfer_queue_depth", "Frames waiting for a worker.", |p| p.queue.depth() as f64),
@@ -170,6 +152,23 @@ fn frames(e: &mut Exposition, ps: &[Arc<Pipeline>]) {
         e.family(name, Kind::Gauge, help);
         for p in ps {
             e.sample(name, &[("pipeline", p.name())], f(p));
+        }
+    }
+}
+
+/// A counter family with one series per pipeline and reason.
+fn by_reason<R: Copy>(
+    e: &mut Exposition,
+    ps: &[Arc<Pipeline>],
+    name: &str,
+    help: &str,
+    reasons: &[(&str, R)],
+    count: impl Fn(&Pipeline, R) -> u64,
+) {
+    e.family(name, Kind::Counter, help);
+    for p in ps {
+        for &(label, r) in reasons {
+            e.sample(name, &[("pipeline", p.name()), ("reason", label)], count(p, r) as f64);
         }
     }
 }
